@@ -1,1 +1,119 @@
-fn main() {}
+//! The `ferrovol` binary: `ferrovol run` serves the CSI Identity, Controller and Node
+//! services; the other subcommands are an operator's client for any CSI endpoint.
+//! The command line is a contract: docs/CLI.md describes it and changes keep it compatible.
+
+mod client;
+mod endpoint;
+mod identity;
+mod logging;
+mod serve;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use ferrovol_core::ids::NodeId;
+
+use crate::endpoint::Endpoint;
+
+const DEFAULT_ENDPOINT: &str = "unix:///run/ferrovol/csi.sock";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "ferrovol",
+    version,
+    about = "A CSI storage driver: loop-device volumes on a directory, with snapshots and expansion"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve the CSI Identity, Controller and Node services on one endpoint.
+    Run(RunArgs),
+    /// Operator client commands against a running driver.
+    #[command(flatten)]
+    Client(client::ClientCommand),
+}
+
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    /// Where to listen: unix:///PATH or tcp://HOST:PORT.
+    #[arg(long, env = "CSI_ENDPOINT", default_value = DEFAULT_ENDPOINT)]
+    endpoint: Endpoint,
+    /// This node's ID (reported by NodeGetInfo and encoded in volume IDs). Default: host name.
+    #[arg(long, env = "FERROVOL_NODE_ID")]
+    node_id: Option<String>,
+    /// Directory that holds volume images, snapshots and their records.
+    #[arg(long, env = "FERROVOL_DATA_DIR", default_value = "/var/lib/ferrovol")]
+    data_dir: PathBuf,
+    /// CSI driver name reported by GetPluginInfo.
+    #[arg(long, default_value = ferrovol_core::DEFAULT_DRIVER_NAME)]
+    driver_name: String,
+    /// Directory under which staging and target paths must lie (repeatable).
+    #[arg(long = "kubelet-dir", default_value = "/var/lib/kubelet")]
+    kubelet_dirs: Vec<PathBuf>,
+    /// max_volumes_per_node reported by NodeGetInfo.
+    #[arg(long, default_value_t = 256)]
+    max_volumes: i64,
+    /// Log format.
+    #[arg(long, value_enum, default_value_t = logging::Format::Text)]
+    log_format: logging::Format,
+    /// Log level or tracing filter (error, warn, info, debug, trace, or e.g. "ferrovol_node=debug").
+    #[arg(long, env = "FERROVOL_LOG", default_value = "info")]
+    log_level: String,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().max_blocking_threads(64).build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("ferrovol: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match cli.command {
+        Command::Run(args) => runtime.block_on(run(args)),
+        Command::Client(cmd) => runtime.block_on(client::execute(cmd)),
+    }
+}
+
+async fn run(args: RunArgs) -> ExitCode {
+    if let Err(e) = logging::init(args.log_format, &args.log_level) {
+        eprintln!("ferrovol: {e}");
+        return ExitCode::from(2);
+    }
+    let node = match args.node_id.map_or_else(host_name, Ok).and_then(|n| NodeId::parse(&n).map_err(|e| e.to_string()))
+    {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::error!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    let cfg = serve::RunConfig {
+        endpoint: args.endpoint,
+        node_id: node,
+        data_dir: args.data_dir,
+        driver_name: args.driver_name,
+        kubelet_dirs: args.kubelet_dirs,
+        max_volumes: args.max_volumes,
+    };
+    match serve::run(cfg).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn host_name() -> Result<String, String> {
+    nix::unistd::gethostname()
+        .map_err(|e| format!("cannot read the host name for --node-id: {e}"))?
+        .into_string()
+        .map_err(|_| "the host name is not UTF-8; pass --node-id".to_string())
+}

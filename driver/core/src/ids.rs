@@ -1,0 +1,325 @@
+//! Volume and snapshot IDs: they encode the family and the node, so any call can be routed
+//! without a lookup table, and their local part is checked so strictly that it is always a
+//! safe single path component. IDs come from requests and are untrusted: parsing is the
+//! only way to get one, and a parse failure never touches the filesystem.
+//!
+//! Format: `<family>.vol:<node>:<local>` for volumes, `<family>.snap:<node>:<local>` for
+//! snapshots, e.g. `loop.vol:worker-1:pvc-0b7e…`.
+
+use std::fmt;
+
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result};
+
+/// The CSI spec's limit on string fields such as IDs.
+pub const MAX_ID_BYTES: usize = 128;
+/// Node IDs are host names or DNS labels; we accept the safe subset of at most 63 bytes.
+pub const MAX_NODE_ID_BYTES: usize = 63;
+const MAX_LOCAL_BYTES: usize = 63;
+
+/// The storage family a volume belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Family {
+    /// A sparse image file attached as a loop device (the embedded default).
+    Loop,
+}
+
+impl Family {
+    /// The family's name as it appears in IDs and the `type` parameter.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Family::Loop => "loop",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        match s {
+            "loop" => Some(Family::Loop),
+            _ => None,
+        }
+    }
+}
+
+/// A node ID: letters, digits, `.`, `-`, `_`, at most 63 bytes, not starting with `.`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+pub struct NodeId(String);
+
+impl NodeId {
+    /// Checks a node ID.
+    pub fn parse(s: &str) -> Result<Self> {
+        let ok = !s.is_empty()
+            && s.len() <= MAX_NODE_ID_BYTES
+            && !s.starts_with('.')
+            && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'));
+        if ok {
+            Ok(NodeId(s.to_owned()))
+        } else {
+            Err(Error::invalid(
+                "node_id",
+                format!(
+                    "{s:?} is not a valid node ID (1-{MAX_NODE_ID_BYTES} of [A-Za-z0-9._-], not starting with '.')"
+                ),
+            ))
+        }
+    }
+
+    /// The ID as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for NodeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The node-local part of an ID: always one safe path component (`[a-z0-9_-]`, no dots).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+pub struct LocalName(String);
+
+impl LocalName {
+    /// Derives the local name from a CO-supplied name. A DNS-label-like name (`pvc-<uuid>`,
+    /// `snapshot-<uuid>`) is kept as it is, so operators recognise it on disk; anything else
+    /// becomes `h_` plus 32 hex digits of its SHA-256. `_` never occurs in a kept name, so
+    /// the two forms cannot collide.
+    pub fn from_co_name(name: &str) -> Self {
+        let b = name.as_bytes();
+        let label = !b.is_empty()
+            && b.len() <= MAX_LOCAL_BYTES
+            && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+            && b[0] != b'-'
+            && b[b.len() - 1] != b'-';
+        if label {
+            return LocalName(name.to_owned());
+        }
+        let digest = Sha256::digest(name.as_bytes());
+        let hex: String = digest.iter().take(16).map(|b| format!("{b:02x}")).collect();
+        LocalName(format!("h_{hex}"))
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        let ok = !s.is_empty()
+            && s.len() <= MAX_LOCAL_BYTES
+            && s.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-' || c == b'_');
+        ok.then(|| LocalName(s.to_owned()))
+    }
+
+    /// The name as text; safe to use as a single path component.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for LocalName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Which kind of object an ID names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Volume,
+    Snapshot,
+}
+
+impl Kind {
+    fn tag(self) -> &'static str {
+        match self {
+            Kind::Volume => "vol",
+            Kind::Snapshot => "snap",
+        }
+    }
+}
+
+/// The parts shared by volume and snapshot IDs.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Parts {
+    family: Family,
+    node: NodeId,
+    local: LocalName,
+}
+
+fn parse_parts(s: &str, kind: Kind) -> Option<Parts> {
+    if s.len() > MAX_ID_BYTES {
+        return None;
+    }
+    let mut it = s.split(':');
+    let head = it.next()?;
+    let node = it.next()?;
+    let local = it.next()?;
+    if it.next().is_some() {
+        return None;
+    }
+    let (family, tag) = head.split_once('.')?;
+    if tag != kind.tag() {
+        return None;
+    }
+    Some(Parts { family: Family::parse(family)?, node: NodeId::parse(node).ok()?, local: LocalName::parse(local)? })
+}
+
+fn format_parts(p: &Parts, kind: Kind, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+    write!(f, "{}.{}:{}:{}", p.family.as_str(), kind.tag(), p.node, p.local)
+}
+
+/// A checked volume ID.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct VolumeId(Parts);
+
+impl VolumeId {
+    /// Builds the ID of a volume this driver creates.
+    pub fn new(family: Family, node: NodeId, local: LocalName) -> Self {
+        VolumeId(Parts { family, node, local })
+    }
+
+    /// Parses an untrusted volume ID. Anything that is not exactly one of our IDs is
+    /// `VolumeNotFound`: the spec's answer for an ID this plugin does not know.
+    pub fn parse(s: &str) -> Result<Self> {
+        if s.is_empty() {
+            return Err(Error::invalid("volume_id", "must not be empty"));
+        }
+        parse_parts(s, Kind::Volume).map(VolumeId).ok_or_else(|| Error::VolumeNotFound {
+            volume: printable(s),
+            reason: "not a volume ID of this driver".into(),
+        })
+    }
+
+    pub fn family(&self) -> Family {
+        self.0.family
+    }
+    pub fn node(&self) -> &NodeId {
+        &self.0.node
+    }
+    pub fn local(&self) -> &LocalName {
+        &self.0.local
+    }
+}
+
+impl fmt::Display for VolumeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        format_parts(&self.0, Kind::Volume, f)
+    }
+}
+
+/// A checked snapshot ID.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SnapshotId(Parts);
+
+impl SnapshotId {
+    /// Builds the ID of a snapshot this driver creates.
+    pub fn new(family: Family, node: NodeId, local: LocalName) -> Self {
+        SnapshotId(Parts { family, node, local })
+    }
+
+    /// Parses an untrusted snapshot ID; anything not ours is `SnapshotNotFound`.
+    pub fn parse(s: &str) -> Result<Self> {
+        if s.is_empty() {
+            return Err(Error::invalid("snapshot_id", "must not be empty"));
+        }
+        parse_parts(s, Kind::Snapshot).map(SnapshotId).ok_or_else(|| Error::SnapshotNotFound {
+            snapshot: printable(s),
+            reason: "not a snapshot ID of this driver".into(),
+        })
+    }
+
+    pub fn family(&self) -> Family {
+        self.0.family
+    }
+    pub fn node(&self) -> &NodeId {
+        &self.0.node
+    }
+    pub fn local(&self) -> &LocalName {
+        &self.0.local
+    }
+}
+
+impl fmt::Display for SnapshotId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        format_parts(&self.0, Kind::Snapshot, f)
+    }
+}
+
+/// An untrusted string made safe to put in a message: control characters escaped, and
+/// cut to a length an operator can read.
+pub fn printable(s: &str) -> String {
+    let mut out: String = s.chars().take(160).flat_map(char::escape_default).collect();
+    if s.chars().count() > 160 {
+        out.push('…');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::Code;
+
+    fn node() -> NodeId {
+        NodeId::parse("worker-1").expect("node")
+    }
+
+    #[test]
+    fn ids_round_trip() {
+        let id = VolumeId::new(Family::Loop, node(), LocalName::from_co_name("pvc-1234"));
+        assert_eq!(id.to_string(), "loop.vol:worker-1:pvc-1234");
+        assert_eq!(VolumeId::parse(&id.to_string()).expect("parse"), id);
+        let sid = SnapshotId::new(Family::Loop, node(), LocalName::from_co_name("snapshot-9"));
+        assert_eq!(sid.to_string(), "loop.snap:worker-1:snapshot-9");
+        assert_eq!(SnapshotId::parse(&sid.to_string()).expect("parse"), sid);
+    }
+
+    #[test]
+    fn a_snapshot_id_is_not_a_volume_id() {
+        assert_eq!(VolumeId::parse("loop.snap:worker-1:x").expect_err("kind").code(), Code::NotFound);
+        assert_eq!(SnapshotId::parse("loop.vol:worker-1:x").expect_err("kind").code(), Code::NotFound);
+    }
+
+    #[test]
+    fn hostile_ids_are_not_found() {
+        for bad in [
+            "../../etc/passwd",
+            "/etc/passwd",
+            "loop.vol:worker-1:..",
+            "loop.vol:worker-1:../x",
+            "loop.vol:worker-1:a/b",
+            "loop.vol:worker-1:a\0b",
+            "loop.vol:../x:pvc",
+            "loop.vol:worker-1:pvc:extra",
+            "loop.vol:worker-1:.hidden",
+            "loop.vol:worker-1:",
+            "lvm.vol:worker-1:pvc",
+            "loop.vol:.worker:pvc",
+            "loop.vol:worker-1:PVC",
+        ] {
+            let e = VolumeId::parse(bad).expect_err(bad);
+            assert_eq!(e.code(), Code::NotFound, "{bad}");
+        }
+        let long = format!("loop.vol:worker-1:{}", "a".repeat(200));
+        assert_eq!(VolumeId::parse(&long).expect_err("long").code(), Code::NotFound);
+        assert_eq!(VolumeId::parse("").expect_err("empty").code(), Code::InvalidArgument);
+    }
+
+    #[test]
+    fn co_names_map_to_safe_local_names() {
+        assert_eq!(LocalName::from_co_name("pvc-0b7e").as_str(), "pvc-0b7e");
+        for odd in ["../x", "Upper", "a/b", "with space", "-lead", "trail-", "x".repeat(64).as_str(), "a.b", "a_b"] {
+            let l = LocalName::from_co_name(odd);
+            assert!(l.as_str().starts_with("h_"), "{odd} -> {l}");
+            assert_eq!(l.as_str().len(), 34);
+            assert!(LocalName::parse(l.as_str()).is_some());
+        }
+        assert_ne!(LocalName::from_co_name("A"), LocalName::from_co_name("B"));
+        assert_eq!(LocalName::from_co_name("A"), LocalName::from_co_name("A"));
+    }
+
+    #[test]
+    fn messages_escape_untrusted_text() {
+        let e = VolumeId::parse("bad\nid\0").expect_err("bad");
+        let msg = e.to_string();
+        assert!(!msg.contains('\n') && !msg.contains('\0'), "{msg}");
+    }
+}

@@ -1,0 +1,167 @@
+//! Filesystems on block devices: probing for an existing one, making one only on a blank
+//! device, growing one online, and reading usage statistics.
+
+use std::path::Path;
+
+use ferrovol_core::volume::FsType;
+
+use crate::command::{CommandError, Runner};
+
+/// What `blkid` finds on a device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Probe {
+    /// No filesystem or partition table signature.
+    Blank,
+    /// A signature of this type (`ext4`, `xfs`, or anything else blkid knows).
+    Found(String),
+}
+
+/// Probes a device with `blkid -p` (low-level, no cache). Exit code 2 means blank.
+pub fn probe(runner: &dyn Runner, device: &Path) -> Result<Probe, CommandError> {
+    let dev = device.to_string_lossy();
+    match runner.run("blkid", &["-p", "-o", "export", &dev]) {
+        Ok(out) => {
+            let ty = out.stdout.lines().find_map(|l| l.strip_prefix("TYPE=").or_else(|| l.strip_prefix("PTTYPE=")));
+            Ok(ty.map_or(Probe::Blank, |t| Probe::Found(t.to_owned())))
+        }
+        Err(e) if e.exit_code() == Some(2) => Ok(Probe::Blank),
+        Err(e) => Err(e),
+    }
+}
+
+/// Makes a filesystem. Callers probe first: this never runs on a device with data.
+pub fn make(runner: &dyn Runner, fs: FsType, device: &Path) -> Result<(), CommandError> {
+    let dev = device.to_string_lossy();
+    match fs {
+        // lazy_itable_init keeps mkfs fast; the kernel zeroes inode tables in the background.
+        FsType::Ext4 => {
+            runner.run("mkfs.ext4", &["-q", "-F", "-E", "lazy_itable_init=1,lazy_journal_init=1", "-m", "0", &dev])
+        }
+        FsType::Xfs => runner.run("mkfs.xfs", &["-q", &dev]),
+    }
+    .map(|_| ())
+}
+
+/// Grows a mounted filesystem to fill its device. Online ext4 growth needs
+/// CAP_SYS_RESOURCE; without it the kernel answers EPERM, and the error says so.
+pub fn grow(runner: &dyn Runner, fs: FsType, device: &Path, mount_point: &Path) -> Result<(), CommandError> {
+    match fs {
+        FsType::Ext4 => runner.run("resize2fs", &[&device.to_string_lossy()]).map_err(|e| match e {
+            CommandError::Exit { program, status, code, stderr } if stderr.contains("Permission denied") => {
+                CommandError::Exit {
+                    program,
+                    status,
+                    code,
+                    stderr: format!(
+                        "{stderr} (online ext4 growth needs the CAP_SYS_RESOURCE capability, which this process lacks)"
+                    ),
+                }
+            }
+            other => other,
+        }),
+        FsType::Xfs => runner.run("xfs_growfs", &[&mount_point.to_string_lossy()]),
+    }
+    .map(|_| ())
+}
+
+/// Grows an unmounted ext4 filesystem that is smaller than its device (a volume restored or
+/// cloned into a larger size, or expanded while unstaged). Offline growth needs no
+/// CAP_SYS_RESOURCE, which online growth does. Answers whether it grew.
+pub fn grow_ext4_offline(runner: &dyn Runner, device: &Path, device_bytes: u64) -> Result<bool, CommandError> {
+    let dev = device.to_string_lossy();
+    let out = runner.run("dumpe2fs", &["-h", &dev])?;
+    let field =
+        |name: &str| out.stdout.lines().find_map(|l| l.strip_prefix(name)).and_then(|v| v.trim().parse::<u64>().ok());
+    let (Some(blocks), Some(block_size)) = (field("Block count:"), field("Block size:")) else {
+        return Ok(false);
+    };
+    if blocks.saturating_mul(block_size) + block_size > device_bytes {
+        return Ok(false);
+    }
+    // resize2fs insists on a freshly checked filesystem; -p repairs only what is safe and
+    // exit code 1 means it did.
+    match runner.run("e2fsck", &["-f", "-p", &dev]) {
+        Ok(_) => {}
+        Err(e) if e.exit_code() == Some(1) => {}
+        Err(e) => return Err(e),
+    }
+    runner.run("resize2fs", &[&dev])?;
+    Ok(true)
+}
+
+/// Usage of a mounted filesystem.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Usage {
+    pub total_bytes: u64,
+    pub used_bytes: u64,
+    pub available_bytes: u64,
+    pub total_inodes: u64,
+    pub used_inodes: u64,
+    pub free_inodes: u64,
+}
+
+/// Reads usage with statvfs.
+pub fn usage(path: &Path) -> std::io::Result<Usage> {
+    let st = nix::sys::statvfs::statvfs(path)?;
+    let frsize = st.fragment_size() as u64;
+    let total = st.blocks() as u64 * frsize;
+    let free = st.blocks_free() as u64 * frsize;
+    let avail = st.blocks_available() as u64 * frsize;
+    Ok(Usage {
+        total_bytes: total,
+        used_bytes: total.saturating_sub(free),
+        available_bytes: avail,
+        total_inodes: st.files() as u64,
+        used_inodes: (st.files() as u64).saturating_sub(st.files_free() as u64),
+        free_inodes: st.files_free() as u64,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::command::Output;
+    use std::sync::Mutex;
+
+    #[derive(Debug, Default)]
+    struct Scripted {
+        calls: Mutex<Vec<String>>,
+        answer: Option<(Option<i32>, String)>,
+    }
+
+    impl Runner for Scripted {
+        fn run(&self, program: &str, args: &[&str]) -> Result<Output, CommandError> {
+            self.calls.lock().expect("lock").push(format!("{program} {}", args.join(" ")));
+            match &self.answer {
+                None => Ok(Output::default()),
+                Some((None, out)) => Ok(Output { stdout: out.clone() }),
+                Some((code, _)) => Err(CommandError::Exit {
+                    program: program.into(),
+                    status: "x".into(),
+                    code: *code,
+                    stderr: String::new(),
+                }),
+            }
+        }
+    }
+
+    #[test]
+    fn blkid_exit_2_is_blank_and_type_is_parsed() {
+        let r = Scripted { answer: Some((Some(2), String::new())), ..Default::default() };
+        assert_eq!(probe(&r, Path::new("/dev/loop9")).expect("blank"), Probe::Blank);
+        let r =
+            Scripted { answer: Some((None, "DEVNAME=/dev/loop9\nUUID=1\nTYPE=xfs\n".into())), ..Default::default() };
+        assert_eq!(probe(&r, Path::new("/dev/loop9")).expect("xfs"), Probe::Found("xfs".into()));
+        let r = Scripted { answer: Some((Some(4), String::new())), ..Default::default() };
+        assert!(probe(&r, Path::new("/dev/loop9")).is_err(), "other exit codes are errors, not blank");
+    }
+
+    #[test]
+    fn grow_uses_the_right_tool_per_filesystem() {
+        let r = Scripted::default();
+        grow(&r, FsType::Ext4, Path::new("/dev/loop3"), Path::new("/m")).expect("ext4");
+        grow(&r, FsType::Xfs, Path::new("/dev/loop3"), Path::new("/m")).expect("xfs");
+        let calls = r.calls.lock().expect("lock").clone();
+        assert_eq!(calls, vec!["resize2fs /dev/loop3".to_string(), "xfs_growfs /m".to_string()]);
+    }
+}

@@ -1,0 +1,775 @@
+//! The node's volume operations, free of protobuf: stage (attach + mkfs-if-blank + mount),
+//! publish (bind mounts), their inverses, online expansion, stats, and inline ephemeral
+//! volumes. Every operation is idempotent and repairs what a crash left half-done; the
+//! durable record (`node.json`) is written only after the kernel state it describes exists,
+//! and cleared only after that state is gone.
+
+use std::collections::HashMap;
+use std::fs::{self, OpenOptions};
+use std::io;
+use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+
+use ferrovol_core::error::{Error, Result};
+use ferrovol_core::guard::{InFlight, InFlightGuard};
+use ferrovol_core::ids::{printable, LocalName, NodeId, VolumeId};
+use ferrovol_core::params::{parse_quantity, CO_PREFIX};
+use ferrovol_core::volume::{AccessMode, AccessType, Capability, CapacityRange, Condition, FsType, VolumeRecord};
+use nix::mount::MsFlags;
+use tokio::sync::Semaphore;
+
+use crate::agent::volume_key;
+use crate::command::Runner;
+use crate::fs as vfs;
+use crate::store::{records, LoopStore, NodeState, Published, Shelf, Staged};
+use crate::sys::{loopdev, mount, mountinfo};
+
+/// The volume-context key that marks an inline ephemeral volume.
+pub const EPHEMERAL_KEY: &str = "csi.storage.k8s.io/ephemeral";
+/// Volume-context keys an inline ephemeral volume may carry besides the orchestrator's.
+pub const EPHEMERAL_PARAMETERS: &[(&str, &str)] =
+    &[("size", "size of the volume, e.g. 256Mi (default 1Gi)"), ("fsType", "ext4 (default) or xfs")];
+
+/// How many mkfs runs may go at once: they are CPU- and disk-bound.
+const MAX_PARALLEL_MKFS: usize = 2;
+
+/// A volume as the node resolved it from a request's volume ID.
+#[derive(Debug, Clone)]
+pub struct Resolved {
+    pub shelf: Shelf,
+    pub local: LocalName,
+    pub record: VolumeRecord,
+    /// The ID as the CO sent it (ours, or the kubelet's for ephemeral volumes).
+    pub id: String,
+}
+
+/// What NodeGetVolumeStats answers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stats {
+    Filesystem(vfs::Usage),
+    Block { total_bytes: u64 },
+}
+
+/// The node's volume operations over one data dir.
+#[derive(Debug, Clone)]
+pub struct NodeOps {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    node: NodeId,
+    store: LoopStore,
+    inflight: InFlight,
+    runner: Arc<dyn Runner>,
+    /// Roots under which staging and target paths must lie (the kubelet's directory).
+    path_roots: Vec<PathBuf>,
+    mkfs: Semaphore,
+}
+
+fn io_err(op: &str, object: impl std::fmt::Display, e: impl std::fmt::Display) -> Error {
+    Error::system(op, object, e)
+}
+
+/// Checks an untrusted path from a request: absolute, no `.`/`..` components, no NUL,
+/// under one of `roots` even after resolving symlinks in its existing ancestors.
+pub fn check_request_path(field: &'static str, raw: &str, roots: &[PathBuf]) -> Result<PathBuf> {
+    if raw.is_empty() {
+        return Err(Error::invalid(field, "must not be empty"));
+    }
+    if raw.contains('\0') || raw.len() > 4096 {
+        return Err(Error::invalid(field, format!("{:?} is not a usable path", printable(raw))));
+    }
+    let p = Path::new(raw);
+    if !p.is_absolute() || p.components().any(|c| matches!(c, Component::ParentDir | Component::CurDir)) {
+        return Err(Error::invalid(
+            field,
+            format!("{:?} must be an absolute path without . or .. components", printable(raw)),
+        ));
+    }
+    // Resolve symlinks in the part of the path that exists, so a link cannot lead outside.
+    let mut existing = p.to_path_buf();
+    let mut rest = Vec::new();
+    while !existing.exists() {
+        match (existing.file_name().map(|n| n.to_owned()), existing.parent()) {
+            (Some(name), Some(parent)) => {
+                rest.push(name);
+                existing = parent.to_path_buf();
+            }
+            _ => break,
+        }
+    }
+    let mut resolved = existing.canonicalize().map_err(|e| Error::invalid(field, format!("{}: {e}", p.display())))?;
+    for n in rest.iter().rev() {
+        resolved.push(n);
+    }
+    if !roots.iter().any(|r| resolved.starts_with(r)) {
+        let roots: Vec<String> = roots.iter().map(|r| r.display().to_string()).collect();
+        return Err(Error::invalid(
+            field,
+            format!("{} is outside the directories this driver serves ({})", p.display(), roots.join(", ")),
+        ));
+    }
+    Ok(resolved)
+}
+
+impl NodeOps {
+    /// Node operations for `store`; staging and target paths must lie under `path_roots`.
+    pub fn new(
+        node: NodeId,
+        store: LoopStore,
+        inflight: InFlight,
+        runner: Arc<dyn Runner>,
+        path_roots: Vec<PathBuf>,
+    ) -> Self {
+        NodeOps {
+            inner: Arc::new(Inner {
+                node,
+                store,
+                inflight,
+                runner,
+                path_roots,
+                mkfs: Semaphore::new(MAX_PARALLEL_MKFS),
+            }),
+        }
+    }
+
+    /// The node this serves.
+    pub fn node_id(&self) -> &NodeId {
+        &self.inner.node
+    }
+
+    /// Checks a staging or target path from a request.
+    pub fn check_path(&self, field: &'static str, raw: &str) -> Result<PathBuf> {
+        check_request_path(field, raw, &self.inner.path_roots)
+    }
+
+    async fn blocking<T: Send + 'static>(&self, f: impl FnOnce(&Inner) -> Result<T> + Send + 'static) -> Result<T> {
+        let inner = Arc::clone(&self.inner);
+        tokio::task::spawn_blocking(move || f(&inner))
+            .await
+            .map_err(|e| Error::system("run blocking task", "node service", e))?
+    }
+
+    /// NodeStageVolume.
+    pub async fn stage(&self, volume_id: String, staging: PathBuf, cap: Capability) -> Result<()> {
+        let _permit = self.inner.mkfs.acquire().await;
+        self.blocking(move |i| {
+            let vol = i.resolve(&volume_id)?;
+            let _g = i.lock(&vol)?;
+            i.stage(&vol, &staging, &cap)
+        })
+        .await
+    }
+
+    /// NodeUnstageVolume.
+    pub async fn unstage(&self, volume_id: String, staging: PathBuf) -> Result<()> {
+        self.blocking(move |i| {
+            let vol = i.resolve(&volume_id)?;
+            let _g = i.lock(&vol)?;
+            i.unstage(&vol, &staging)
+        })
+        .await
+    }
+
+    /// NodePublishVolume (for volumes made by CreateVolume and staged first).
+    pub async fn publish(
+        &self,
+        volume_id: String,
+        staging: PathBuf,
+        target: PathBuf,
+        cap: Capability,
+        read_only: bool,
+    ) -> Result<()> {
+        self.blocking(move |i| {
+            let vol = i.resolve(&volume_id)?;
+            let _g = i.lock(&vol)?;
+            i.publish(&vol, &staging, &target, &cap, read_only)
+        })
+        .await
+    }
+
+    /// NodePublishVolume of an inline ephemeral volume: create, stage and publish in one.
+    pub async fn publish_ephemeral(
+        &self,
+        volume_id: String,
+        target: PathBuf,
+        cap: Capability,
+        read_only: bool,
+        context: HashMap<String, String>,
+    ) -> Result<()> {
+        let _permit = self.inner.mkfs.acquire().await;
+        self.blocking(move |i| i.publish_ephemeral(&volume_id, &target, &cap, read_only, &context)).await
+    }
+
+    /// NodeUnpublishVolume; an ephemeral volume is unstaged and deleted with it.
+    pub async fn unpublish(&self, volume_id: String, target: PathBuf) -> Result<()> {
+        self.blocking(move |i| {
+            let vol = i.resolve(&volume_id)?;
+            let _g = i.lock(&vol)?;
+            i.unpublish(&vol, &target)?;
+            if vol.shelf == Shelf::Ephemeral {
+                let state = i.state(&vol)?;
+                if state.published.is_empty() {
+                    let staging = i.ephemeral_staging(&vol.local);
+                    i.unstage(&vol, &staging)?;
+                    i.store
+                        .remove_volume(Shelf::Ephemeral, &vol.local)
+                        .map_err(|e| io_err("delete ephemeral volume", &vol.id, e))?;
+                    tracing::info!(volume = %vol.id, "ephemeral volume deleted");
+                }
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// NodeGetVolumeStats.
+    pub async fn stats(&self, volume_id: String, path: PathBuf) -> Result<(Stats, Condition)> {
+        self.blocking(move |i| {
+            let vol = i.resolve(&volume_id)?;
+            i.stats(&vol, &path)
+        })
+        .await
+    }
+
+    /// NodeExpandVolume: answers the device's new size.
+    pub async fn expand(&self, volume_id: String, path: PathBuf, range: CapacityRange) -> Result<u64> {
+        self.blocking(move |i| {
+            let vol = i.resolve(&volume_id)?;
+            let _g = i.lock(&vol)?;
+            i.expand(&vol, &path, range)
+        })
+        .await
+    }
+
+    /// How many volumes this node has staged (for max_volumes_per_node accounting).
+    pub fn store(&self) -> &LoopStore {
+        &self.inner.store
+    }
+}
+
+impl Inner {
+    fn resolve(&self, raw: &str) -> Result<Resolved> {
+        if raw.is_empty() {
+            return Err(Error::invalid("volume_id", "must not be empty"));
+        }
+        let not_found = |reason: String| Error::VolumeNotFound { volume: printable(raw), reason };
+        let (shelf, local) = match VolumeId::parse(raw) {
+            Ok(id) if id.node() == &self.node => (Shelf::Volumes, id.local().clone()),
+            Ok(id) => return Err(not_found(format!("it lives on node {}, this is node {}", id.node(), self.node))),
+            // Not one of our IDs: it can only be an inline ephemeral volume the kubelet named.
+            Err(_) => (Shelf::Ephemeral, LocalName::from_co_name(raw)),
+        };
+        let record = self
+            .store
+            .read_volume(shelf, &local)
+            .map_err(|e| io_err("read volume record", printable(raw), e))?
+            .ok_or_else(|| not_found(String::new()))?;
+        Ok(Resolved { shelf, local, record, id: printable(raw) })
+    }
+
+    fn lock(&self, vol: &Resolved) -> Result<InFlightGuard> {
+        self.inflight.try_acquire(&volume_key(&vol.local), || format!("volume {}", vol.id))
+    }
+
+    fn state(&self, vol: &Resolved) -> Result<NodeState> {
+        self.store.read_node_state(vol.shelf, &vol.local).map_err(|e| io_err("read node state", &vol.id, e))
+    }
+
+    fn save(&self, vol: &Resolved, st: &NodeState) -> Result<()> {
+        self.store.write_node_state(vol.shelf, &vol.local, st).map_err(|e| io_err("write node state", &vol.id, e))
+    }
+
+    fn image(&self, vol: &Resolved) -> PathBuf {
+        self.store.volume_dir(vol.shelf, &vol.local).join(records::IMAGE)
+    }
+
+    fn attached(&self, vol: &Resolved) -> Result<Option<loopdev::LoopDevice>> {
+        loopdev::find_by_backing(&self.image(vol)).map_err(|e| io_err("list loop devices", &vol.id, e))
+    }
+
+    fn ephemeral_staging(&self, local: &LocalName) -> PathBuf {
+        self.store.volume_dir(Shelf::Ephemeral, local).join("stage")
+    }
+
+    /// Whether something is mounted at `path`. Callers only ask about paths recorded for
+    /// this volume, which the driver mounted itself.
+    fn is_mounted(&self, vol: &Resolved, path: &Path) -> Result<bool> {
+        let entries = mountinfo::read().map_err(|e| io_err("read mount table", &vol.id, e))?;
+        Ok(mountinfo::find_by_mount_point(&entries, path).is_some())
+    }
+
+    fn stage(&self, vol: &Resolved, staging: &Path, cap: &Capability) -> Result<()> {
+        cap.check_local(vol.record.fs_type)?;
+        let mut state = self.state(vol)?;
+        let (flags, data) = mount_options(cap, &vol.id)?;
+        let mount_flags = match &cap.access_type {
+            AccessType::Mount { mount_flags, .. } => mount_flags.clone(),
+            AccessType::Block => vec![],
+        };
+        if let Some(st) = &state.staged {
+            if st.path != staging {
+                return Err(Error::precondition(
+                    format!("volume {}", vol.id),
+                    format!("it is already staged at {} on this node; unstage it first", st.path.display()),
+                ));
+            }
+            if st.block != cap.is_block() || st.mount_flags != mount_flags {
+                return Err(Error::PublishedIncompatible {
+                    volume: vol.id.clone(),
+                    path: staging.display().to_string(),
+                    reason: format!(
+                        "staged as {}",
+                        if st.block { "a block device" } else { "a filesystem with other mount flags" }
+                    ),
+                });
+            }
+        }
+        let image = self.image(vol);
+        let (dev, fresh) = match self.attached(vol)? {
+            Some(d) => (d, false),
+            None => (
+                loopdev::attach(&image, false)
+                    .map_err(|e| io_err("attach loop device", format!("volume {}", vol.id), e))?,
+                true,
+            ),
+        };
+        let result = self.stage_on_device(vol, &dev, staging, cap, flags, &data, &mut state);
+        if result.is_err() && fresh {
+            // Leave nothing behind: the device this call attached goes away with its failure.
+            let _ = loopdev::detach(&dev);
+        }
+        result?;
+        state.staged = Some(Staged { path: staging.to_path_buf(), block: cap.is_block(), mount_flags });
+        self.save(vol, &state)?;
+        tracing::info!(volume = %vol.id, device = %dev.path().display(), staging = %staging.display(), "volume staged");
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn stage_on_device(
+        &self,
+        vol: &Resolved,
+        dev: &loopdev::LoopDevice,
+        staging: &Path,
+        cap: &Capability,
+        flags: MsFlags,
+        data: &str,
+        _state: &mut NodeState,
+    ) -> Result<()> {
+        if cap.is_block() {
+            return Ok(());
+        }
+        let devpath = dev.path();
+        if !staging.is_dir() {
+            fs::create_dir_all(staging).map_err(|e| io_err("create staging directory", staging.display(), e))?;
+        }
+        if self.is_mounted(vol, staging)? {
+            return Ok(());
+        }
+        let fs_type = vol.record.fs_type;
+        let dev_size = loopdev::device_size(&devpath).map_err(|e| io_err("read device size", &vol.id, e))?;
+        let fresh = match vfs::probe(self.runner.as_ref(), &devpath).map_err(|e| io_err("probe filesystem", format!("volume {}", vol.id), e))? {
+            vfs::Probe::Blank => {
+                vfs::make(self.runner.as_ref(), fs_type, &devpath).map_err(|e| io_err("make filesystem", format!("volume {}", vol.id), e))?;
+                true
+            }
+            vfs::Probe::Found(t) if t == fs_type.as_str() => false,
+            vfs::Probe::Found(t) => {
+                return Err(Error::precondition(
+                    format!("volume {}", vol.id),
+                    format!("its device holds a {t} signature, not the {fs_type} filesystem the volume was made for; refusing to mount or format it"),
+                ))
+            }
+        };
+        // A volume restored or cloned into a larger size, or expanded while unstaged, has a
+        // filesystem smaller than its device: grow it (ext4 before mounting, xfs after).
+        if !fresh && fs_type == FsType::Ext4 {
+            let grew = vfs::grow_ext4_offline(self.runner.as_ref(), &devpath, dev_size)
+                .map_err(|e| io_err("grow filesystem", format!("volume {}", vol.id), e))?;
+            if grew {
+                tracing::info!(volume = %vol.id, dev_size, "filesystem grown to fill its device");
+            }
+        }
+        mount::mount_fs(&devpath, staging, fs_type.as_str(), flags, data)
+            .map_err(|e| io_err("mount", format!("volume {}", vol.id), e))?;
+        if !fresh && fs_type == FsType::Xfs {
+            if let Err(e) = vfs::grow(self.runner.as_ref(), fs_type, &devpath, staging) {
+                let _ = mount::unmount(staging);
+                return Err(io_err("grow filesystem", format!("volume {}", vol.id), e));
+            }
+        }
+        Ok(())
+    }
+
+    fn unstage(&self, vol: &Resolved, staging: &Path) -> Result<()> {
+        let mut state = self.state(vol)?;
+        if let Some(st) = &state.staged {
+            if st.path != staging {
+                return Err(Error::precondition(
+                    format!("volume {}", vol.id),
+                    format!("it is staged at {}, not at {}", st.path.display(), staging.display()),
+                ));
+            }
+        }
+        // Forget publications whose mounts are gone; refuse while any is still live.
+        let live: Vec<&Published> =
+            state.published.iter().filter(|p| mountinfo::is_mount_point(&p.target).unwrap_or(false)).collect();
+        if !live.is_empty() {
+            let targets: Vec<String> = live.iter().map(|p| p.target.display().to_string()).collect();
+            return Err(Error::precondition(
+                format!("volume {}", vol.id),
+                format!("it is still published at {}; NodeUnpublishVolume first", targets.join(", ")),
+            ));
+        }
+        let block = state.staged.as_ref().is_some_and(|s| s.block);
+        if !block {
+            while self.is_mounted(vol, staging)? {
+                mount::unmount(staging).map_err(|e| io_err("unmount staging path", format!("volume {}", vol.id), e))?;
+            }
+        }
+        if let Some(dev) = self.attached(vol)? {
+            loopdev::detach(&dev).map_err(|e| {
+                io_err("detach loop device", format!("volume {} ({})", vol.id, dev.path().display()), e)
+            })?;
+        }
+        if state.staged.is_some() || !state.published.is_empty() {
+            state.staged = None;
+            state.published.clear();
+            self.save(vol, &state)?;
+        }
+        tracing::info!(volume = %vol.id, staging = %staging.display(), "volume unstaged");
+        Ok(())
+    }
+
+    fn publish(&self, vol: &Resolved, staging: &Path, target: &Path, cap: &Capability, read_only: bool) -> Result<()> {
+        cap.check_local(vol.record.fs_type)?;
+        let mut state = self.state(vol)?;
+        match &state.staged {
+            Some(st) if st.path == staging && st.block == cap.is_block() => {}
+            Some(st) if st.path == staging => {
+                return Err(Error::precondition(
+                    format!("volume {}", vol.id),
+                    format!(
+                        "it is staged as {}, the publish asks for the other access type",
+                        if st.block { "a block device" } else { "a filesystem" }
+                    ),
+                ))
+            }
+            _ => {
+                return Err(Error::precondition(
+                    format!("volume {}", vol.id),
+                    format!("it is not staged at {}; NodeStageVolume first", staging.display()),
+                ))
+            }
+        }
+        self.publish_staged(vol, &mut state, staging, target, cap, read_only)
+    }
+
+    fn publish_staged(
+        &self,
+        vol: &Resolved,
+        state: &mut NodeState,
+        staging: &Path,
+        target: &Path,
+        cap: &Capability,
+        read_only: bool,
+    ) -> Result<()> {
+        let read_only = read_only || cap.access_mode.is_read_only();
+        let mount_flags = match &cap.access_type {
+            AccessType::Mount { mount_flags, .. } => mount_flags.clone(),
+            AccessType::Block => vec![],
+        };
+        let want = Published {
+            target: target.to_path_buf(),
+            read_only,
+            block: cap.is_block(),
+            access_mode: cap.access_mode,
+            mount_flags,
+        };
+        if let Some(existing) = state.published.iter().find(|p| p.target == target) {
+            if *existing != want {
+                return Err(Error::PublishedIncompatible {
+                    volume: vol.id.clone(),
+                    path: target.display().to_string(),
+                    reason: "the capability, read-only flag or mount flags differ".into(),
+                });
+            }
+            if self.is_mounted(vol, target)? {
+                return Ok(());
+            }
+        } else if let Some(other) = state
+            .published
+            .iter()
+            .find(|p| p.access_mode.is_single_publisher() || want.access_mode.is_single_publisher())
+        {
+            return Err(Error::precondition(
+                format!("volume {}", vol.id),
+                format!(
+                    "it is single-node-single-writer (ReadWriteOncePod) and already published at {}",
+                    other.target.display()
+                ),
+            ));
+        }
+        let (extra, _) = mount_options(cap, &vol.id)?;
+        if cap.is_block() {
+            let dev = self.attached(vol)?.ok_or_else(|| {
+                Error::precondition(
+                    format!("volume {}", vol.id),
+                    "its loop device is not attached; NodeStageVolume again",
+                )
+            })?;
+            if let Some(parent) = target.parent() {
+                fs::create_dir_all(parent).map_err(|e| io_err("create target parent", parent.display(), e))?;
+            }
+            OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(target)
+                .map_err(|e| io_err("create block target", target.display(), e))?;
+            mount::bind(&dev.path(), target, read_only, MsFlags::empty())
+                .map_err(|e| io_err("bind device", format!("volume {}", vol.id), e))?;
+        } else {
+            fs::create_dir_all(target).map_err(|e| io_err("create target directory", target.display(), e))?;
+            mount::bind(staging, target, read_only, extra)
+                .map_err(|e| io_err("bind mount", format!("volume {}", vol.id), e))?;
+        }
+        if !state.published.iter().any(|p| p.target == target) {
+            state.published.push(want);
+        }
+        if let Err(e) = self.save(vol, state) {
+            let _ = mount::unmount(target);
+            return Err(e);
+        }
+        tracing::info!(volume = %vol.id, target = %target.display(), read_only, "volume published");
+        Ok(())
+    }
+
+    fn unpublish(&self, vol: &Resolved, target: &Path) -> Result<()> {
+        let mut state = self.state(vol)?;
+        let Some(pos) = state.published.iter().position(|p| p.target == target) else {
+            // Never published here (or already undone): nothing of ours to take down.
+            return Ok(());
+        };
+        while self.is_mounted(vol, target)? {
+            mount::unmount(target).map_err(|e| io_err("unmount target", format!("volume {}", vol.id), e))?;
+        }
+        let removed = if state.published[pos].block { fs::remove_file(target) } else { fs::remove_dir(target) };
+        match removed {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err("remove target path", target.display(), e)),
+        }
+        state.published.remove(pos);
+        self.save(vol, &state)?;
+        tracing::info!(volume = %vol.id, target = %target.display(), "volume unpublished");
+        Ok(())
+    }
+
+    fn publish_ephemeral(
+        &self,
+        raw_id: &str,
+        target: &Path,
+        cap: &Capability,
+        read_only: bool,
+        ctx: &HashMap<String, String>,
+    ) -> Result<()> {
+        let mut size = None;
+        let mut fs_type = FsType::Ext4;
+        for (k, v) in ctx {
+            match k.as_str() {
+                "size" => size = Some(parse_quantity(v, "volume_context size")?),
+                "fsType" => fs_type = FsType::parse(v, "volume_context fsType")?,
+                _ if k.starts_with(CO_PREFIX) => {}
+                _ => {
+                    return Err(Error::UnknownParameter {
+                        key: printable(k),
+                        known: EPHEMERAL_PARAMETERS.iter().map(|(k, _)| *k).collect::<Vec<_>>().join(", "),
+                    })
+                }
+            }
+        }
+        if let AccessType::Mount { fs_type: Some(f), .. } = &cap.access_type {
+            fs_type = *f;
+        }
+        if cap.is_block() {
+            return Err(Error::UnsupportedCapability {
+                reason: "inline ephemeral volumes are filesystems; block access is not offered".into(),
+            });
+        }
+        let local = LocalName::from_co_name(raw_id);
+        let _g = self.inflight.try_acquire(&volume_key(&local), || format!("volume {}", printable(raw_id)))?;
+        if self
+            .store
+            .read_volume(Shelf::Ephemeral, &local)
+            .map_err(|e| io_err("read volume record", printable(raw_id), e))?
+            .is_none()
+        {
+            let bytes = CapacityRange { required: size, limit: None }.pick(fs_type.min_bytes(), raw_id)?;
+            self.create_ephemeral(raw_id, &local, bytes, fs_type)?;
+        }
+        let vol = self.resolve(raw_id)?;
+        let staging = self.ephemeral_staging(&local);
+        let stage_cap = Capability {
+            access_type: AccessType::Mount { fs_type: None, mount_flags: vec![] },
+            access_mode: AccessMode::SingleNodeWriter,
+        };
+        let staged = self.state(&vol)?.staged.is_some();
+        if !staged || !self.is_mounted(&vol, &staging)? {
+            self.stage(&vol, &staging, &stage_cap)?;
+        }
+        let mut state = self.state(&vol)?;
+        self.publish_staged(&vol, &mut state, &staging, target, cap, read_only)
+    }
+
+    fn create_ephemeral(&self, raw_id: &str, local: &LocalName, bytes: u64, fs_type: FsType) -> Result<()> {
+        let usage = vfs::usage(self.store.root()).map_err(|e| io_err("statvfs", self.store.root().display(), e))?;
+        let promised = self
+            .store
+            .unallocated_promises()
+            .map_err(|e| io_err("sum volume sizes", self.store.root().display(), e))?;
+        let available = usage.available_bytes.saturating_sub(promised);
+        if bytes > available {
+            return Err(Error::InsufficientCapacity { volume: printable(raw_id), requested: bytes, available });
+        }
+        let work = self.store.work_dir("ephemeral").map_err(|e| io_err("make work dir", printable(raw_id), e))?;
+        let f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(work.path().join(records::IMAGE))
+            .map_err(|e| io_err("create image", printable(raw_id), e))?;
+        f.set_len(bytes).map_err(|e| io_err("size image", printable(raw_id), e))?;
+        let rec = VolumeRecord {
+            id: raw_id.to_owned(),
+            name: raw_id.to_owned(),
+            capacity_bytes: bytes,
+            fs_type,
+            source: None,
+            parameters: Default::default(),
+            created_unix: 0,
+            published_nodes: vec![],
+        };
+        work.write_record(records::VOLUME, &rec).map_err(|e| io_err("write volume record", printable(raw_id), e))?;
+        self.store
+            .commit_volume(work, Shelf::Ephemeral, local)
+            .map_err(|e| io_err("commit volume", printable(raw_id), e))?;
+        tracing::info!(volume = %printable(raw_id), size = bytes, "ephemeral volume created");
+        Ok(())
+    }
+
+    fn stats(&self, vol: &Resolved, path: &Path) -> Result<(Stats, Condition)> {
+        let state = self.state(vol)?;
+        let staged = state.staged.as_ref().filter(|s| s.path == path);
+        let published = state.published.iter().find(|p| p.target == path);
+        let block = match (staged, published) {
+            (Some(s), _) => s.block,
+            (None, Some(p)) => p.block,
+            (None, None) => {
+                return Err(Error::VolumeNotFound {
+                    volume: vol.id.clone(),
+                    reason: format!("it is neither staged nor published at {}", path.display()),
+                })
+            }
+        };
+        if !path.exists() {
+            return Err(Error::VolumeNotFound {
+                volume: vol.id.clone(),
+                reason: format!("{} does not exist", path.display()),
+            });
+        }
+        let dev = self.attached(vol)?;
+        let mounted = block && staged.is_some() || self.is_mounted(vol, path)?;
+        let condition = match (&dev, mounted) {
+            (None, _) => {
+                Condition::abnormal(format!("no loop device is attached to the image {}", self.image(vol).display()))
+            }
+            (Some(_), false) => Condition::abnormal(format!("{} is not mounted", path.display())),
+            (Some(_), true) => Condition::healthy(),
+        };
+        let stats = if block {
+            let total_bytes = match &dev {
+                Some(d) => loopdev::device_size(&d.path()).map_err(|e| io_err("read device size", &vol.id, e))?,
+                None => 0,
+            };
+            Stats::Block { total_bytes }
+        } else {
+            Stats::Filesystem(vfs::usage(path).map_err(|e| io_err("statvfs", path.display(), e))?)
+        };
+        Ok((stats, condition))
+    }
+
+    fn expand(&self, vol: &Resolved, path: &Path, range: CapacityRange) -> Result<u64> {
+        let state = self.state(vol)?;
+        let Some(staged) = state.staged.as_ref() else {
+            return Err(Error::precondition(
+                format!("volume {}", vol.id),
+                "it is not staged on this node; nothing to expand here",
+            ));
+        };
+        if staged.path != path && !state.published.iter().any(|p| p.target == path) {
+            return Err(Error::VolumeNotFound {
+                volume: vol.id.clone(),
+                reason: format!("it is neither staged nor published at {}", path.display()),
+            });
+        }
+        let dev = self
+            .attached(vol)?
+            .ok_or_else(|| Error::precondition(format!("volume {}", vol.id), "its loop device is not attached"))?;
+        loopdev::set_capacity(&dev).map_err(|e| io_err("resize loop device", format!("volume {}", vol.id), e))?;
+        let size = loopdev::device_size(&dev.path()).map_err(|e| io_err("read device size", &vol.id, e))?;
+        if let Some(req) = range.required {
+            if size < req {
+                return Err(Error::CapacityOutOfRange {
+                    volume: vol.id.clone(),
+                    reason: format!(
+                        "the device has {size} bytes, below required_bytes {req}; ControllerExpandVolume first"
+                    ),
+                });
+            }
+        }
+        if !staged.block {
+            vfs::grow(self.runner.as_ref(), vol.record.fs_type, &dev.path(), &staged.path)
+                .map_err(|e| io_err("grow filesystem", format!("volume {}", vol.id), e))?;
+        }
+        tracing::info!(volume = %vol.id, size, "volume expanded on node");
+        Ok(size)
+    }
+}
+
+/// Mount flags of a capability, checked.
+fn mount_options(cap: &Capability, volume: &str) -> Result<(MsFlags, String)> {
+    match &cap.access_type {
+        AccessType::Block => Ok((MsFlags::empty(), String::new())),
+        AccessType::Mount { mount_flags, .. } => mount::parse_options(mount_flags).map_err(|reason| {
+            Error::invalid("volume_capability.mount.mount_flags", format!("{reason} (volume {volume})"))
+        }),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use ferrovol_core::error::Code;
+
+    #[test]
+    fn request_paths_must_stay_under_the_roots() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().canonicalize().unwrap();
+        let roots = vec![root.join("kubelet")];
+        fs::create_dir_all(root.join("kubelet/pods")).unwrap();
+        let ok = format!("{}/kubelet/pods/x/mount", root.display());
+        assert_eq!(check_request_path("target_path", &ok, &roots).unwrap(), root.join("kubelet/pods/x/mount"));
+        for bad in ["", "relative/path", "/etc", &format!("{}/kubelet/../etc", root.display()), "/x\0y"] {
+            let e = check_request_path("target_path", bad, &roots).unwrap_err();
+            assert_eq!(e.code(), Code::InvalidArgument, "{bad:?}");
+        }
+        // A symlink inside the root that points outside it does not let a path escape.
+        std::os::unix::fs::symlink("/etc", root.join("kubelet/pods/evil")).unwrap();
+        let e =
+            check_request_path("target_path", &format!("{}/kubelet/pods/evil/x", root.display()), &roots).unwrap_err();
+        assert!(e.to_string().contains("outside"), "{e}");
+    }
+}
