@@ -120,126 +120,100 @@ impl fmt::Display for LocalName {
     }
 }
 
-/// Which kind of object an ID names.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    Volume,
-    Snapshot,
+/// What an ID names: volumes and snapshots share the format but not the namespace.
+pub trait IdKind: fmt::Debug + Clone + Copy + Default + PartialEq + Eq + std::hash::Hash {
+    /// The tag after the family, e.g. `vol` in `loop.vol:…`.
+    const TAG: &'static str;
+    /// The request field that carries it, for messages.
+    const FIELD: &'static str;
+    /// The error for an ID that names nothing of ours.
+    fn not_found(id: String, reason: String) -> Error;
 }
 
-impl Kind {
-    fn tag(self) -> &'static str {
-        match self {
-            Kind::Volume => "vol",
-            Kind::Snapshot => "snap",
-        }
+/// Marker for volume IDs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct Vol;
+/// Marker for snapshot IDs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct Snap;
+
+impl IdKind for Vol {
+    const TAG: &'static str = "vol";
+    const FIELD: &'static str = "volume_id";
+    fn not_found(volume: String, reason: String) -> Error {
+        Error::VolumeNotFound { volume, reason }
     }
 }
 
-/// The parts shared by volume and snapshot IDs.
+impl IdKind for Snap {
+    const TAG: &'static str = "snap";
+    const FIELD: &'static str = "snapshot_id";
+    fn not_found(snapshot: String, reason: String) -> Error {
+        Error::SnapshotNotFound { snapshot, reason }
+    }
+}
+
+/// A checked ID of a volume (`Id<Vol>`) or snapshot (`Id<Snap>`).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-struct Parts {
+pub struct Id<K: IdKind> {
     family: Family,
     node: NodeId,
     local: LocalName,
-}
-
-fn parse_parts(s: &str, kind: Kind) -> Option<Parts> {
-    if s.len() > MAX_ID_BYTES {
-        return None;
-    }
-    let mut it = s.split(':');
-    let head = it.next()?;
-    let node = it.next()?;
-    let local = it.next()?;
-    if it.next().is_some() {
-        return None;
-    }
-    let (family, tag) = head.split_once('.')?;
-    if tag != kind.tag() {
-        return None;
-    }
-    Some(Parts { family: Family::parse(family)?, node: NodeId::parse(node).ok()?, local: LocalName::parse(local)? })
-}
-
-fn format_parts(p: &Parts, kind: Kind, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-    write!(f, "{}.{}:{}:{}", p.family.as_str(), kind.tag(), p.node, p.local)
+    kind: K,
 }
 
 /// A checked volume ID.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct VolumeId(Parts);
-
-impl VolumeId {
-    /// Builds the ID of a volume this driver creates.
-    pub fn new(family: Family, node: NodeId, local: LocalName) -> Self {
-        VolumeId(Parts { family, node, local })
-    }
-
-    /// Parses an untrusted volume ID. Anything that is not exactly one of our IDs is
-    /// `VolumeNotFound`: the spec's answer for an ID this plugin does not know.
-    pub fn parse(s: &str) -> Result<Self> {
-        if s.is_empty() {
-            return Err(Error::invalid("volume_id", "must not be empty"));
-        }
-        parse_parts(s, Kind::Volume).map(VolumeId).ok_or_else(|| Error::VolumeNotFound {
-            volume: printable(s),
-            reason: "not a volume ID of this driver".into(),
-        })
-    }
-
-    pub fn family(&self) -> Family {
-        self.0.family
-    }
-    pub fn node(&self) -> &NodeId {
-        &self.0.node
-    }
-    pub fn local(&self) -> &LocalName {
-        &self.0.local
-    }
-}
-
-impl fmt::Display for VolumeId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        format_parts(&self.0, Kind::Volume, f)
-    }
-}
-
+pub type VolumeId = Id<Vol>;
 /// A checked snapshot ID.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct SnapshotId(Parts);
+pub type SnapshotId = Id<Snap>;
 
-impl SnapshotId {
-    /// Builds the ID of a snapshot this driver creates.
+impl<K: IdKind> Id<K> {
+    /// Builds the ID of an object this driver creates.
     pub fn new(family: Family, node: NodeId, local: LocalName) -> Self {
-        SnapshotId(Parts { family, node, local })
+        Id { family, node, local, kind: K::default() }
     }
 
-    /// Parses an untrusted snapshot ID; anything not ours is `SnapshotNotFound`.
+    /// Parses an untrusted ID. Anything that is not exactly one of our IDs of this kind is
+    /// "not found": the spec's answer for an ID this plugin does not know.
     pub fn parse(s: &str) -> Result<Self> {
         if s.is_empty() {
-            return Err(Error::invalid("snapshot_id", "must not be empty"));
+            return Err(Error::invalid(K::FIELD, "must not be empty"));
         }
-        parse_parts(s, Kind::Snapshot).map(SnapshotId).ok_or_else(|| Error::SnapshotNotFound {
-            snapshot: printable(s),
-            reason: "not a snapshot ID of this driver".into(),
-        })
+        Self::parse_parts(s).ok_or_else(|| K::not_found(printable(s), format!("not a {} of this driver", K::FIELD)))
     }
 
-    pub fn family(&self) -> Family {
-        self.0.family
-    }
-    pub fn node(&self) -> &NodeId {
-        &self.0.node
-    }
-    pub fn local(&self) -> &LocalName {
-        &self.0.local
+    fn parse_parts(s: &str) -> Option<Self> {
+        if s.len() > MAX_ID_BYTES {
+            return None;
+        }
+        let mut it = s.split(':');
+        let (head, node, local) = (it.next()?, it.next()?, it.next()?);
+        if it.next().is_some() {
+            return None;
+        }
+        let (family, tag) = head.split_once('.')?;
+        if tag != K::TAG {
+            return None;
+        }
+        Some(Id::new(Family::parse(family)?, NodeId::parse(node).ok()?, LocalName::parse(local)?))
     }
 }
 
-impl fmt::Display for SnapshotId {
+impl<K: IdKind> Id<K> {
+    pub fn family(&self) -> Family {
+        self.family
+    }
+    pub fn node(&self) -> &NodeId {
+        &self.node
+    }
+    pub fn local(&self) -> &LocalName {
+        &self.local
+    }
+}
+
+impl<K: IdKind> fmt::Display for Id<K> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        format_parts(&self.0, Kind::Snapshot, f)
+        write!(f, "{}.{}:{}:{}", self.family.as_str(), K::TAG, self.node, self.local)
     }
 }
 
