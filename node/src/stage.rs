@@ -300,6 +300,15 @@ impl Inner {
         Ok(mountinfo::find_by_mount_point(&entries, path).is_some())
     }
 
+    /// The loop device bound onto a block target file (the mount's root is `/loopN` in devtmpfs).
+    fn bound_device(&self, target: &Path) -> Result<Option<loopdev::LoopDevice>> {
+        let entries = mountinfo::read().map_err(|e| io_err("read mount table", target.display(), e))?;
+        Ok(mountinfo::find_by_mount_point(&entries, target)
+            .and_then(|m| m.root.to_str()?.strip_prefix("/loop")?.parse::<u32>().ok())
+            .map(|number| loopdev::LoopDevice { number })
+            .filter(loopdev::read_only))
+    }
+
     fn stage(&self, vol: &Resolved, staging: &Path, cap: &Capability) -> Result<()> {
         cap.check_local(vol.record.fs_type)?;
         let mut state = self.state(vol)?;
@@ -529,8 +538,21 @@ impl Inner {
                 .truncate(false)
                 .open(target)
                 .map_err(|e| io_err("create block target", target.display(), e))?;
-            mount::bind(&dev.path(), target, read_only, MsFlags::empty())
-                .map_err(|e| io_err("bind device", format!("volume {}", vol.id), e))?;
+            // A read-only bind mount does not stop writes to a device node, so a read-only
+            // block publication gets its own read-only loop device over the same image.
+            let (dev, own) = if read_only {
+                let ro = loopdev::attach(&self.image(vol), true)
+                    .map_err(|e| io_err("attach read-only loop device", format!("volume {}", vol.id), e))?;
+                (ro, true)
+            } else {
+                (dev, false)
+            };
+            if let Err(e) = mount::bind(&dev.path(), target, read_only, MsFlags::empty()) {
+                if own {
+                    let _ = loopdev::detach(&dev);
+                }
+                return Err(io_err("bind device", format!("volume {}", vol.id), e));
+            }
         } else {
             fs::create_dir_all(target).map_err(|e| io_err("create target directory", target.display(), e))?;
             mount::bind(staging, target, read_only, extra)
@@ -553,8 +575,18 @@ impl Inner {
             // Never published here (or already undone): nothing of ours to take down.
             return Ok(());
         };
+        let ro_device = if state.published[pos].block && state.published[pos].read_only {
+            self.bound_device(target)?
+        } else {
+            None
+        };
         while self.is_mounted(vol, target)? {
             mount::unmount(target).map_err(|e| io_err("unmount target", format!("volume {}", vol.id), e))?;
+        }
+        if let Some(dev) = ro_device {
+            let image = loopdev::ImageId::of(&self.image(vol)).map_err(|e| io_err("stat image", &vol.id, e))?;
+            loopdev::detach_if_attached_to(&dev, image)
+                .map_err(|e| io_err("detach read-only loop device", format!("volume {}", vol.id), e))?;
         }
         let removed = if state.published[pos].block { fs::remove_file(target) } else { fs::remove_dir(target) };
         match removed {

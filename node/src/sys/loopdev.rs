@@ -354,7 +354,17 @@ pub fn find_by_backing(image: &Path) -> io::Result<Option<LoopDevice>> {
         Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(err) => return Err(with_context(err, format!("resolve loop image path {}", image.display()))),
     };
-    Ok(list_attached()?.into_iter().find(|(_, backing)| *backing == wanted).map(|(device, _)| device))
+    Ok(list_attached()?
+        .into_iter()
+        .find(|(device, backing)| *backing == wanted && !read_only(device))
+        .map(|(device, _)| device))
+}
+
+/// Whether the device was attached read-only (`/sys/block/loopN/ro`). Read-only devices are
+/// extra views of an image (read-only raw block publications), never its staged device, so
+/// [`find_by_backing`] skips them.
+pub fn read_only(dev: &LoopDevice) -> bool {
+    fs::read_to_string(dev.sysfs_dir().join("ro")).is_ok_and(|s| s.trim() == "1")
 }
 
 /// The size in bytes of a block device.
