@@ -14,6 +14,7 @@ use ferrovol_core::guard::InFlight;
 use ferrovol_core::ids::NodeId;
 use ferrovol_node::agent::LoopAgent;
 use ferrovol_node::command::SystemRunner;
+use ferrovol_node::ledger::SpaceLedger;
 use ferrovol_node::service::NodeService;
 use ferrovol_node::stage::NodeOps;
 use ferrovol_node::store::LoopStore;
@@ -62,8 +63,9 @@ pub async fn run(cfg: RunConfig) -> Result<(), StartError> {
             .push(d.canonicalize().map_err(|source| StartError::KubeletDir { path: d.display().to_string(), source })?);
     }
     let inflight = InFlight::default();
-    let agent = LoopAgent::new(cfg.node_id.clone(), store.clone(), inflight.clone());
-    let ops = NodeOps::new(cfg.node_id.clone(), store.clone(), inflight, Arc::new(SystemRunner), roots);
+    let ledger = Arc::new(SpaceLedger::default());
+    let agent = LoopAgent::new(cfg.node_id.clone(), store.clone(), inflight.clone(), Arc::clone(&ledger));
+    let ops = NodeOps::new(cfg.node_id.clone(), store.clone(), inflight, ledger, Arc::new(SystemRunner), roots);
 
     let ready = Arc::new(AtomicBool::new(false));
     let identity = IdentityService::new(cfg.driver_name.clone(), Arc::clone(&ready));

@@ -16,6 +16,7 @@ use ferrovol_core::params::VolumeParams;
 use ferrovol_core::volume::{CapacityRange, Condition, ContentSource, SnapshotRecord, VolumeRecord, MIB};
 use tokio::sync::Semaphore;
 
+use crate::ledger::SpaceLedger;
 use crate::store::{records, LoopStore, Shelf};
 use crate::sys::{copy, freeze, loopdev, mountinfo};
 
@@ -34,6 +35,7 @@ struct Inner {
     node: NodeId,
     store: LoopStore,
     inflight: InFlight,
+    ledger: Arc<SpaceLedger>,
     copies: Semaphore,
 }
 
@@ -58,8 +60,10 @@ fn now() -> (i64, i32) {
 
 impl LoopAgent {
     /// An agent over `store`, sharing `inflight` with the node service.
-    pub fn new(node: NodeId, store: LoopStore, inflight: InFlight) -> Self {
-        LoopAgent { inner: Arc::new(Inner { node, store, inflight, copies: Semaphore::new(MAX_PARALLEL_COPIES) }) }
+    pub fn new(node: NodeId, store: LoopStore, inflight: InFlight, ledger: Arc<SpaceLedger>) -> Self {
+        LoopAgent {
+            inner: Arc::new(Inner { node, store, inflight, ledger, copies: Semaphore::new(MAX_PARALLEL_COPIES) }),
+        }
     }
 
     /// The store this agent manages.
@@ -94,24 +98,6 @@ impl Inner {
 
     fn require_volume(&self, id: &VolumeId) -> Result<VolumeRecord> {
         self.read_volume(id)?.ok_or_else(|| Error::VolumeNotFound { volume: id.to_string(), reason: String::new() })
-    }
-
-    fn available(&self) -> Result<u64> {
-        let usage =
-            crate::fs::usage(self.store.root()).map_err(|e| io_err("statvfs", self.store.root().display(), e))?;
-        let promised = self
-            .store
-            .unallocated_promises()
-            .map_err(|e| io_err("sum volume sizes", self.store.root().display(), e))?;
-        Ok(usage.available_bytes.saturating_sub(promised))
-    }
-
-    fn ensure_room(&self, volume: &str, requested: u64) -> Result<()> {
-        let available = self.available()?;
-        if requested > available {
-            return Err(Error::InsufficientCapacity { volume: volume.to_owned(), requested, available });
-        }
-        Ok(())
     }
 
     /// Copies a volume's image, freezing its filesystem meanwhile if it is mounted, so the
@@ -217,7 +203,7 @@ impl Inner {
                 want
             }
         };
-        self.ensure_room(&id.to_string(), size)?;
+        let _room = self.ledger.reserve(&self.store, &id.to_string(), size)?;
 
         let work = self.store.work_dir("create").map_err(|e| io_err("make work dir", &id, e))?;
         let image = work.path().join(records::IMAGE);
@@ -332,7 +318,7 @@ impl Inner {
                 reason: format!("{want} bytes (whole MiB) is above limit_bytes"),
             });
         }
-        self.ensure_room(&id.to_string(), want - rec.capacity_bytes)?;
+        let _room = self.ledger.reserve(&self.store, &id.to_string(), want - rec.capacity_bytes)?;
         let image = self.store.volume_image(Shelf::Volumes, id.local());
         let f = OpenOptions::new().write(true).open(&image).map_err(|e| io_err("open image", id, e))?;
         f.set_len(want).map_err(|e| io_err("grow image", id, e))?;
@@ -385,11 +371,11 @@ impl Inner {
         let allocated = fs::metadata(self.store.volume_image(Shelf::Volumes, source.local()))
             .map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512)
             .map_err(|e| io_err("stat image", source, e))?;
-        if allocated > self.available()? {
+        if allocated > self.ledger.available(&self.store)? {
             return Err(Error::InsufficientCapacity {
                 volume: format!("snapshot {sid}"),
                 requested: allocated,
-                available: self.available()?,
+                available: self.ledger.available(&self.store)?,
             });
         }
         let work = self.store.work_dir("snapshot").map_err(|e| io_err("make work dir", &sid, e))?;
@@ -532,7 +518,7 @@ impl NodeAgent for LoopAgent {
     }
 
     async fn capacity(&self, _params: &VolumeParams) -> Result<CapacityReport> {
-        let available = self.blocking(|i| i.available()).await?;
+        let available = self.blocking(|i| i.ledger.available(&i.store)).await?;
         let available = available / MIB * MIB;
         Ok(CapacityReport { available, maximum_volume_size: available })
     }

@@ -7,25 +7,68 @@ use ferrovol_core::volume::FsType;
 
 use crate::command::{CommandError, Runner};
 
-/// What `blkid` finds on a device.
+/// What is on a device, judged from its first 128 KiB.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Probe {
-    /// No filesystem or partition table signature.
+    /// The first 128 KiB are all zero: nothing any filesystem, partition table or volume
+    /// manager would leave there.
     Blank,
-    /// A signature of this type (`ext4`, `xfs`, or anything else blkid knows).
+    /// A recognised signature (`ext4`, `xfs`, `btrfs`, `swap`, `LVM2_member`, `gpt`, `dos`),
+    /// or `unknown data` for any other non-zero content.
     Found(String),
 }
 
-/// Probes a device with `blkid -p` (low-level, no cache). Exit code 2 means blank.
-pub fn probe(runner: &dyn Runner, device: &Path) -> Result<Probe, CommandError> {
-    let dev = device.to_string_lossy();
-    match runner.run("blkid", &["-p", "-o", "export", &dev]) {
-        Ok(out) => {
-            let ty = out.stdout.lines().find_map(|l| l.strip_prefix("TYPE=").or_else(|| l.strip_prefix("PTTYPE=")));
-            Ok(ty.map_or(Probe::Blank, |t| Probe::Found(t.to_owned())))
+/// How much of the device the probe reads. Every common on-disk format puts a signature in
+/// this window (btrfs's is the deepest, at 64 KiB + 64).
+pub const PROBE_BYTES: usize = 128 << 10;
+
+/// Probes a device by reading its first 128 KiB. This is the guard that keeps mkfs off a
+/// device with data, so it is deliberately stricter than blkid: any non-zero byte means "not
+/// blank", whether or not a signature is recognised. It costs one read, where `blkid -p`
+/// costs a process and ~5 ms.
+pub fn probe(device: &Path) -> std::io::Result<Probe> {
+    use std::io::Read;
+    let mut buf = vec![0u8; PROBE_BYTES];
+    let mut f = std::fs::File::open(device)?;
+    let mut filled = 0;
+    while filled < buf.len() {
+        match f.read(&mut buf[filled..])? {
+            0 => break,
+            n => filled += n,
         }
-        Err(e) if e.exit_code() == Some(2) => Ok(Probe::Blank),
-        Err(e) => Err(e),
+    }
+    Ok(classify(&buf[..filled]))
+}
+
+/// Classifies the first bytes of a device.
+pub fn classify(head: &[u8]) -> Probe {
+    let at = |off: usize, magic: &[u8]| head.get(off..off + magic.len()) == Some(magic);
+    let found = |name: &str| Probe::Found(name.to_owned());
+    if at(1080, &[0x53, 0xEF]) {
+        return found("ext4");
+    }
+    if at(0, b"XFSB") {
+        return found("xfs");
+    }
+    if at(65536 + 64, b"_BHRfS_M") {
+        return found("btrfs");
+    }
+    if at(4096 - 10, b"SWAPSPACE2") {
+        return found("swap");
+    }
+    if at(512 + 24, b"LVM2 001") || at(512, b"LABELONE") {
+        return found("LVM2_member");
+    }
+    if at(512, b"EFI PART") {
+        return found("gpt");
+    }
+    if at(510, &[0x55, 0xAA]) {
+        return found("dos");
+    }
+    if head.iter().all(|b| *b == 0) {
+        Probe::Blank
+    } else {
+        found("unknown data")
     }
 }
 
@@ -146,14 +189,22 @@ mod tests {
     }
 
     #[test]
-    fn blkid_exit_2_is_blank_and_type_is_parsed() {
-        let r = Scripted { answer: Some((Some(2), String::new())), ..Default::default() };
-        assert_eq!(probe(&r, Path::new("/dev/loop9")).expect("blank"), Probe::Blank);
-        let r =
-            Scripted { answer: Some((None, "DEVNAME=/dev/loop9\nUUID=1\nTYPE=xfs\n".into())), ..Default::default() };
-        assert_eq!(probe(&r, Path::new("/dev/loop9")).expect("xfs"), Probe::Found("xfs".into()));
-        let r = Scripted { answer: Some((Some(4), String::new())), ..Default::default() };
-        assert!(probe(&r, Path::new("/dev/loop9")).is_err(), "other exit codes are errors, not blank");
+    fn only_an_all_zero_head_is_blank() {
+        let mut head = vec![0u8; PROBE_BYTES];
+        assert_eq!(classify(&head), Probe::Blank);
+        head[1080] = 0x53;
+        head[1081] = 0xEF;
+        assert_eq!(classify(&head), Probe::Found("ext4".into()));
+        let mut head = vec![0u8; PROBE_BYTES];
+        head[..4].copy_from_slice(b"XFSB");
+        assert_eq!(classify(&head), Probe::Found("xfs".into()));
+        let mut head = vec![0u8; PROBE_BYTES];
+        head[65536 + 64..65536 + 72].copy_from_slice(b"_BHRfS_M");
+        assert_eq!(classify(&head), Probe::Found("btrfs".into()));
+        // Data without any signature is still data: never formatted over.
+        let mut head = vec![0u8; PROBE_BYTES];
+        head[PROBE_BYTES - 1] = 1;
+        assert_eq!(classify(&head), Probe::Found("unknown data".into()));
     }
 
     #[test]

@@ -11,16 +11,16 @@ use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 
 use ferrovol_core::error::{Error, Result};
-use ferrovol_core::guard::{InFlight, InFlightGuard};
+use ferrovol_core::guard::{InFlight, InFlightGuard, Slots};
 use ferrovol_core::ids::{printable, LocalName, NodeId, VolumeId};
 use ferrovol_core::params::{parse_quantity, CO_PREFIX};
 use ferrovol_core::volume::{AccessMode, AccessType, Capability, CapacityRange, Condition, FsType, VolumeRecord};
 use nix::mount::MsFlags;
-use tokio::sync::Semaphore;
 
 use crate::agent::volume_key;
 use crate::command::Runner;
 use crate::fs as vfs;
+use crate::ledger::SpaceLedger;
 use crate::store::{records, LoopStore, NodeState, Published, Shelf, Staged};
 use crate::sys::{loopdev, mount, mountinfo};
 
@@ -30,8 +30,9 @@ pub const EPHEMERAL_KEY: &str = "csi.storage.k8s.io/ephemeral";
 pub const EPHEMERAL_PARAMETERS: &[(&str, &str)] =
     &[("size", "size of the volume, e.g. 256Mi (default 1Gi)"), ("fsType", "ext4 (default) or xfs")];
 
-/// How many mkfs runs may go at once: they are CPU- and disk-bound.
-const MAX_PARALLEL_MKFS: usize = 2;
+/// How many mkfs runs may go at once per CPU: they are CPU- and disk-bound, and more in
+/// parallel only makes each slower.
+const MKFS_PER_CPU: usize = 2;
 
 /// A volume as the node resolved it from a request's volume ID.
 #[derive(Debug, Clone)]
@@ -64,7 +65,8 @@ struct Inner {
     runner: Arc<dyn Runner>,
     /// Roots under which staging and target paths must lie (the kubelet's directory).
     path_roots: Vec<PathBuf>,
-    mkfs: Semaphore,
+    mkfs: Slots,
+    ledger: Arc<SpaceLedger>,
 }
 
 fn io_err(op: &str, object: impl std::fmt::Display, e: impl std::fmt::Display) -> Error {
@@ -119,6 +121,7 @@ impl NodeOps {
         node: NodeId,
         store: LoopStore,
         inflight: InFlight,
+        ledger: Arc<SpaceLedger>,
         runner: Arc<dyn Runner>,
         path_roots: Vec<PathBuf>,
     ) -> Self {
@@ -127,9 +130,10 @@ impl NodeOps {
                 node,
                 store,
                 inflight,
+                ledger,
                 runner,
                 path_roots,
-                mkfs: Semaphore::new(MAX_PARALLEL_MKFS),
+                mkfs: Slots::new(MKFS_PER_CPU * std::thread::available_parallelism().map_or(1, |n| n.get())),
             }),
         }
     }
@@ -153,7 +157,6 @@ impl NodeOps {
 
     /// NodeStageVolume.
     pub async fn stage(&self, volume_id: String, staging: PathBuf, cap: Capability) -> Result<()> {
-        let _permit = self.inner.mkfs.acquire().await;
         self.blocking(move |i| {
             let vol = i.resolve(&volume_id)?;
             let _g = i.lock(&vol)?;
@@ -198,7 +201,6 @@ impl NodeOps {
         read_only: bool,
         context: HashMap<String, String>,
     ) -> Result<()> {
-        let _permit = self.inner.mkfs.acquire().await;
         self.blocking(move |i| i.publish_ephemeral(&volume_id, &target, &cap, read_only, &context)).await
     }
 
@@ -379,9 +381,11 @@ impl Inner {
         }
         let fs_type = vol.record.fs_type;
         let dev_size = loopdev::device_size(&devpath).map_err(|e| io_err("read device size", &vol.id, e))?;
-        let fresh = match vfs::probe(self.runner.as_ref(), &devpath).map_err(|e| io_err("probe filesystem", format!("volume {}", vol.id), e))? {
+        let fresh = match vfs::probe(&devpath).map_err(|e| io_err("probe filesystem", format!("volume {}", vol.id), e))? {
             vfs::Probe::Blank => {
-                vfs::make(self.runner.as_ref(), fs_type, &devpath).map_err(|e| io_err("make filesystem", format!("volume {}", vol.id), e))?;
+                let _slot = self.mkfs.take();
+                vfs::make(self.runner.as_ref(), fs_type, &devpath)
+                    .map_err(|e| io_err("make filesystem", format!("volume {}", vol.id), e))?;
                 true
             }
             vfs::Probe::Found(t) if t == fs_type.as_str() => false,
@@ -657,15 +661,7 @@ impl Inner {
     }
 
     fn create_ephemeral(&self, raw_id: &str, local: &LocalName, bytes: u64, fs_type: FsType) -> Result<()> {
-        let usage = vfs::usage(self.store.root()).map_err(|e| io_err("statvfs", self.store.root().display(), e))?;
-        let promised = self
-            .store
-            .unallocated_promises()
-            .map_err(|e| io_err("sum volume sizes", self.store.root().display(), e))?;
-        let available = usage.available_bytes.saturating_sub(promised);
-        if bytes > available {
-            return Err(Error::InsufficientCapacity { volume: printable(raw_id), requested: bytes, available });
-        }
+        let _room = self.ledger.reserve(&self.store, &printable(raw_id), bytes)?;
         let work = self.store.work_dir("ephemeral").map_err(|e| io_err("make work dir", printable(raw_id), e))?;
         let f = OpenOptions::new()
             .write(true)

@@ -3,7 +3,7 @@
 //! and calls on different objects never wait for each other.
 
 use std::collections::HashSet;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 
 use crate::error::{Error, Result};
 
@@ -52,6 +52,44 @@ impl Drop for InFlightGuard {
     }
 }
 
+/// A counting semaphore for blocking threads: bounds expensive work (mkfs, image copies)
+/// so that many parallel calls share the machine instead of thrashing it.
+#[derive(Debug)]
+pub struct Slots {
+    free: Mutex<usize>,
+    freed: Condvar,
+}
+
+/// One taken slot; dropping it frees the slot.
+#[derive(Debug)]
+pub struct Slot<'a> {
+    slots: &'a Slots,
+}
+
+impl Slots {
+    /// `n` slots (at least one).
+    pub fn new(n: usize) -> Self {
+        Slots { free: Mutex::new(n.max(1)), freed: Condvar::new() }
+    }
+
+    /// Waits for a free slot and takes it.
+    pub fn take(&self) -> Slot<'_> {
+        let mut free = self.free.lock().unwrap_or_else(PoisonError::into_inner);
+        while *free == 0 {
+            free = self.freed.wait(free).unwrap_or_else(PoisonError::into_inner);
+        }
+        *free -= 1;
+        Slot { slots: self }
+    }
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        *self.slots.free.lock().unwrap_or_else(PoisonError::into_inner) += 1;
+        self.slots.freed.notify_one();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -75,5 +113,29 @@ mod tests {
         let _g = f.try_acquire("b", || "b".into()).expect("b");
         assert!(f.try_acquire_all(&["a", "b"], || "a and b".into()).is_err());
         assert!(f.try_acquire("a", || "a".into()).is_ok(), "a was not left taken");
+    }
+
+    #[test]
+    fn slots_bound_concurrency() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let slots = Arc::new(Slots::new(2));
+        let running = Arc::new(AtomicUsize::new(0));
+        let peak = Arc::new(AtomicUsize::new(0));
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let (slots, running, peak) = (Arc::clone(&slots), Arc::clone(&running), Arc::clone(&peak));
+                std::thread::spawn(move || {
+                    let _s = slots.take();
+                    let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                    peak.fetch_max(now, Ordering::SeqCst);
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                    running.fetch_sub(1, Ordering::SeqCst);
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().expect("thread");
+        }
+        assert_eq!(peak.load(Ordering::SeqCst), 2);
     }
 }
