@@ -49,6 +49,15 @@ fn required(field: &'static str, value: &str) -> Result<()> {
     Ok(())
 }
 
+/// A CO-chosen name: required, and free of control characters (the spec's rule for names).
+fn name(field: &'static str, value: &str) -> Result<()> {
+    required(field, value)?;
+    if value.chars().any(char::is_control) {
+        return Err(Error::invalid(field, format!("{:?} contains control characters", printable(value))));
+    }
+    Ok(())
+}
+
 fn topology(node: &NodeId) -> csi::Topology {
     csi::Topology { segments: HashMap::from([(TOPOLOGY_NODE_KEY.to_string(), node.to_string())]) }
 }
@@ -132,7 +141,7 @@ impl csi::controller_server::Controller for ControllerService {
     ) -> Result<Response<csi::CreateVolumeResponse>, Status> {
         let r = req.into_inner();
         call("CreateVolume", &r.name, Noise::Change, async {
-            required("name", &r.name)?;
+            name("name", &r.name)?;
             let caps = convert::capabilities(&r.volume_capabilities)?;
             let mut params = VolumeParams::parse(&r.parameters)?;
             let fs = effective_fs(&mut params, &caps)?;
@@ -148,17 +157,29 @@ impl csi::controller_server::Controller for ControllerService {
                 })?,
                 None => CapacityRange::default(),
             };
-            let source = match r.volume_content_source.as_ref().and_then(|s| s.r#type.as_ref()) {
+            let source = match r.volume_content_source.as_ref().map(|s| s.r#type.as_ref()) {
                 None => None,
-                Some(csi::volume_content_source::Type::Snapshot(s)) => {
+                Some(None) => {
+                    return Err(Error::invalid(
+                        "volume_content_source",
+                        "is set but names neither a snapshot nor a volume",
+                    ))
+                }
+                Some(Some(csi::volume_content_source::Type::Snapshot(s))) => {
                     Some(Source::Snapshot(SnapshotId::parse(&s.snapshot_id)?))
                 }
-                Some(csi::volume_content_source::Type::Volume(v)) => {
+                Some(Some(csi::volume_content_source::Type::Volume(v))) => {
                     Some(Source::Volume(VolumeId::parse(&v.volume_id)?))
                 }
             };
             let node = self.agent.node_id();
             if let Some(t) = &r.accessibility_requirements {
+                if t.requisite.is_empty() && t.preferred.is_empty() {
+                    return Err(Error::invalid(
+                        "accessibility_requirements",
+                        "is set but has neither requisite nor preferred",
+                    ));
+                }
                 if !t.requisite.is_empty() && !t.requisite.iter().any(|s| segment_admits(s, node)) {
                     return Err(Error::TopologyUnreachable {
                         volume: printable(&r.name),
@@ -275,20 +296,28 @@ impl csi::controller_server::Controller for ControllerService {
             if r.volume_capabilities.is_empty() {
                 return Err(Error::invalid("volume_capabilities", "at least one capability is required"));
             }
+            // A malformed capability is INVALID_ARGUMENT; a well-formed one we cannot give is
+            // answered without confirmation, as the spec asks.
+            let mut caps = Vec::new();
+            let mut refusal = None;
+            for c in &r.volume_capabilities {
+                match convert::capability("volume_capabilities", c) {
+                    Ok(c) => caps.push(c),
+                    Err(e @ Error::UnsupportedCapability { .. }) => {
+                        refusal.get_or_insert(e.to_string());
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
             let id = VolumeId::parse(&r.volume_id)?;
             let agent = self.agent_for(id.node()).ok_or_else(|| Error::VolumeNotFound {
                 volume: id.to_string(),
                 reason: format!("node {} is not served here", id.node()),
             })?;
             let (rec, _) = agent.get_volume(&id).await?;
-            let refusal = match VolumeParams::parse(&r.parameters) {
-                Err(e) => Some(e.to_string()),
-                Ok(_) => r
-                    .volume_capabilities
-                    .iter()
-                    .map(|c| convert::capability("volume_capabilities", c).and_then(|c| c.check_local(rec.fs_type)))
-                    .find_map(|res| res.err().map(|e| e.to_string())),
-            };
+            let refusal = refusal
+                .or_else(|| VolumeParams::parse(&r.parameters).err().map(|e| e.to_string()))
+                .or_else(|| caps.iter().find_map(|c| c.check_local(rec.fs_type).err().map(|e| e.to_string())));
             Ok(match refusal {
                 Some(message) => csi::ValidateVolumeCapabilitiesResponse { confirmed: None, message },
                 None => csi::ValidateVolumeCapabilitiesResponse {
@@ -400,7 +429,7 @@ impl csi::controller_server::Controller for ControllerService {
     ) -> Result<Response<csi::CreateSnapshotResponse>, Status> {
         let r = req.into_inner();
         call("CreateSnapshot", &r.name, Noise::Change, async {
-            required("name", &r.name)?;
+            name("name", &r.name)?;
             required("source_volume_id", &r.source_volume_id)?;
             snapshot_params(&r.parameters)?;
             let source = VolumeId::parse(&r.source_volume_id)?;
@@ -493,7 +522,11 @@ impl csi::controller_server::Controller for ControllerService {
             let c = r.capacity_range.as_ref().ok_or_else(|| Error::invalid("capacity_range", "is required"))?;
             let range = CapacityRange::from_request(c.required_bytes, c.limit_bytes)?;
             let block = match &r.volume_capability {
-                Some(c) => convert::capability("volume_capability", c)?.is_block(),
+                Some(c) => {
+                    let cap = convert::capability("volume_capability", c)?;
+                    cap.check_single_node()?;
+                    cap.is_block()
+                }
                 None => false,
             };
             let id = VolumeId::parse(&r.volume_id)?;

@@ -98,6 +98,7 @@ pub async fn run(cfg: RunConfig) -> Result<(), StartError> {
                 detached = r.detached.len(),
                 reattached = r.reattached.len(),
                 remounted = r.remounted.len(),
+                thawed = r.thawed.len(),
                 problems = r.problems.len(),
                 "start-up reconcile done"
             );

@@ -72,6 +72,17 @@ pub fn classify(head: &[u8]) -> Probe {
     }
 }
 
+/// The mount data string for a volume's filesystem. xfs always gets `nouuid`: a restored or
+/// cloned volume carries its source's UUID, and xfs refuses to mount a second filesystem
+/// with a UUID that is already mounted.
+pub fn mount_data(fs: FsType, data: &str) -> String {
+    match (fs, data.is_empty()) {
+        (FsType::Ext4, _) => data.to_owned(),
+        (FsType::Xfs, true) => "nouuid".to_owned(),
+        (FsType::Xfs, false) => format!("{data},nouuid"),
+    }
+}
+
 /// Makes a filesystem. Callers probe first: this never runs on a device with data.
 pub fn make(runner: &dyn Runner, fs: FsType, device: &Path) -> Result<(), CommandError> {
     let dev = device.to_string_lossy();

@@ -7,7 +7,9 @@
 //!    nothing mounts is debris of a crash between attach and record: detach it.
 //! 2. A staged volume with no loop device (the node rebooted) is attached again, and its
 //!    filesystem mounted again at the staging path if that directory still exists.
-//! 3. Publish records whose mounts are gone are kept: the kubelet repeats NodePublishVolume,
+//! 3. A staged filesystem left frozen by a process killed during a snapshot is thawed
+//!    (otherwise every write of the workload hangs).
+//! 4. Publish records whose mounts are gone are kept: the kubelet repeats NodePublishVolume,
 //!    which repairs them.
 
 use std::path::Path;
@@ -17,7 +19,7 @@ use ferrovol_core::volume::FsType;
 use nix::mount::MsFlags;
 
 use crate::store::{LoopStore, Shelf};
-use crate::sys::{loopdev, mount, mountinfo};
+use crate::sys::{freeze, loopdev, mount, mountinfo};
 
 /// What reconcile did, for the start-up log and for tests.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -25,6 +27,7 @@ pub struct Report {
     pub detached: Vec<String>,
     pub reattached: Vec<String>,
     pub remounted: Vec<String>,
+    pub thawed: Vec<String>,
     pub problems: Vec<String>,
 }
 
@@ -93,8 +96,16 @@ pub fn run(store: &LoopStore) -> Report {
                     continue;
                 }
             };
-            if staged.block || !staged.path.is_dir() || mountinfo::find_by_mount_point(&mounts, &staged.path).is_some()
-            {
+            if staged.block || !staged.path.is_dir() {
+                continue;
+            }
+            if mountinfo::find_by_mount_point(&mounts, &staged.path).is_some() {
+                // Rule 3.
+                match freeze::thaw_if_frozen(&staged.path) {
+                    Ok(true) => report.thawed.push(format!("{} at {}", rec.id, staged.path.display())),
+                    Ok(false) => {}
+                    Err(e) => report.problems.push(format!("thawing volume {} failed: {e}", rec.id)),
+                }
                 continue;
             }
             match remount(&dev, &staged.path, rec.fs_type, &staged.mount_flags) {
@@ -115,6 +126,9 @@ pub fn run(store: &LoopStore) -> Report {
     }
     for line in &report.remounted {
         tracing::info!(volume = %line, "re-mounted a staged volume");
+    }
+    for line in &report.thawed {
+        tracing::warn!(volume = %line, "thawed a filesystem left frozen by an interrupted snapshot");
     }
     for line in &report.problems {
         tracing::error!(problem = %line, "reconcile");
@@ -145,5 +159,5 @@ fn device_mounted(mounts: &[mountinfo::MountEntry], dev: &loopdev::LoopDevice) -
 
 fn remount(dev: &loopdev::LoopDevice, at: &Path, fs: FsType, flags: &[String]) -> std::io::Result<()> {
     let (ms, data) = mount::parse_options(flags).map_err(std::io::Error::other)?;
-    mount::mount_fs(&dev.path(), at, fs.as_str(), ms | MsFlags::empty(), &data)
+    mount::mount_fs(&dev.path(), at, fs.as_str(), ms | MsFlags::empty(), &crate::fs::mount_data(fs, &data))
 }

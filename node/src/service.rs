@@ -153,7 +153,7 @@ impl csi::node_server::Node for NodeService {
                 None => CapacityRange::default(),
             };
             if let Some(c) = &r.volume_capability {
-                convert::capability("volume_capability", c)?;
+                convert::capability("volume_capability", c)?.check_single_node()?;
             }
             let size = self.ops.expand(r.volume_id.clone(), path, range).await?;
             Ok(csi::NodeExpandVolumeResponse { capacity_bytes: size as i64 })

@@ -207,7 +207,19 @@ impl NodeOps {
     /// NodeUnpublishVolume; an ephemeral volume is unstaged and deleted with it.
     pub async fn unpublish(&self, volume_id: String, target: PathBuf) -> Result<()> {
         self.blocking(move |i| {
-            let vol = i.resolve(&volume_id)?;
+            let vol = match i.resolve(&volume_id) {
+                Ok(v) => v,
+                // An inline ephemeral volume is deleted with its last publication, so a
+                // repeated unpublish (the answer to the first was lost) finds nothing: done.
+                Err(Error::VolumeNotFound { .. })
+                    if VolumeId::parse(&volume_id).is_err()
+                        && i.store.ephemeral_buried(&LocalName::from_co_name(&volume_id))
+                        && !i.is_mounted_path(&target)? =>
+                {
+                    return Ok(());
+                }
+                Err(e) => return Err(e),
+            };
             let _g = i.lock(&vol)?;
             i.unpublish(&vol, &target)?;
             if vol.shelf == Shelf::Ephemeral {
@@ -215,6 +227,7 @@ impl NodeOps {
                 if state.published.is_empty() {
                     let staging = i.ephemeral_staging(&vol.local);
                     i.unstage(&vol, &staging)?;
+                    i.store.bury_ephemeral(&vol.local).map_err(|e| io_err("record ephemeral deletion", &vol.id, e))?;
                     i.store
                         .remove_volume(Shelf::Ephemeral, &vol.local)
                         .map_err(|e| io_err("delete ephemeral volume", &vol.id, e))?;
@@ -271,6 +284,13 @@ impl Inner {
         Ok(Resolved { shelf, local, record, id: printable(raw) })
     }
 
+    /// Whether something is mounted at `path`. Callers only ask about paths recorded for a
+    /// volume, which the driver mounted itself.
+    fn is_mounted_path(&self, path: &Path) -> Result<bool> {
+        let entries = mountinfo::read().map_err(|e| io_err("read mount table", path.display(), e))?;
+        Ok(mountinfo::find_by_mount_point(&entries, path).is_some())
+    }
+
     fn lock(&self, vol: &Resolved) -> Result<InFlightGuard> {
         self.inflight.try_acquire(&volume_key(&vol.local), || format!("volume {}", vol.id))
     }
@@ -293,13 +313,6 @@ impl Inner {
 
     fn ephemeral_staging(&self, local: &LocalName) -> PathBuf {
         self.store.volume_dir(Shelf::Ephemeral, local).join("stage")
-    }
-
-    /// Whether something is mounted at `path`. Callers only ask about paths recorded for
-    /// this volume, which the driver mounted itself.
-    fn is_mounted(&self, vol: &Resolved, path: &Path) -> Result<bool> {
-        let entries = mountinfo::read().map_err(|e| io_err("read mount table", &vol.id, e))?;
-        Ok(mountinfo::find_by_mount_point(&entries, path).is_some())
     }
 
     /// The loop device bound onto a block target file (the mount's root is `/loopN` in devtmpfs).
@@ -376,7 +389,7 @@ impl Inner {
         if !staging.is_dir() {
             fs::create_dir_all(staging).map_err(|e| io_err("create staging directory", staging.display(), e))?;
         }
-        if self.is_mounted(vol, staging)? {
+        if self.is_mounted_path(staging)? {
             return Ok(());
         }
         let fs_type = vol.record.fs_type;
@@ -405,7 +418,8 @@ impl Inner {
                 tracing::info!(volume = %vol.id, dev_size, "filesystem grown to fill its device");
             }
         }
-        mount::mount_fs(&devpath, staging, fs_type.as_str(), flags, data)
+        let data = vfs::mount_data(fs_type, data);
+        mount::mount_fs(&devpath, staging, fs_type.as_str(), flags, &data)
             .map_err(|e| io_err("mount", format!("volume {}", vol.id), e))?;
         if !fresh && fs_type == FsType::Xfs {
             if let Err(e) = vfs::grow(self.runner.as_ref(), fs_type, &devpath, staging) {
@@ -420,10 +434,9 @@ impl Inner {
         let mut state = self.state(vol)?;
         if let Some(st) = &state.staged {
             if st.path != staging {
-                return Err(Error::precondition(
-                    format!("volume {}", vol.id),
-                    format!("it is staged at {}, not at {}", st.path.display(), staging.display()),
-                ));
+                // The spec: not staged at this path means there is nothing to undo here.
+                tracing::info!(volume = %vol.id, staged = %st.path.display(), asked = %staging.display(), "not staged at this path; nothing to do");
+                return Ok(());
             }
         }
         // Forget publications whose mounts are gone; refuse while any is still live.
@@ -438,7 +451,7 @@ impl Inner {
         }
         let block = state.staged.as_ref().is_some_and(|s| s.block);
         if !block {
-            while self.is_mounted(vol, staging)? {
+            while self.is_mounted_path(staging)? {
                 mount::unmount(staging).map_err(|e| io_err("unmount staging path", format!("volume {}", vol.id), e))?;
             }
         }
@@ -509,7 +522,7 @@ impl Inner {
                     reason: "the capability, read-only flag or mount flags differ".into(),
                 });
             }
-            if self.is_mounted(vol, target)? {
+            if self.is_mounted_path(target)? {
                 return Ok(());
             }
         } else if let Some(other) = state
@@ -584,7 +597,7 @@ impl Inner {
         } else {
             None
         };
-        while self.is_mounted(vol, target)? {
+        while self.is_mounted_path(target)? {
             mount::unmount(target).map_err(|e| io_err("unmount target", format!("volume {}", vol.id), e))?;
         }
         if let Some(dev) = ro_device {
@@ -653,7 +666,7 @@ impl Inner {
             access_mode: AccessMode::SingleNodeWriter,
         };
         let staged = self.state(&vol)?.staged.is_some();
-        if !staged || !self.is_mounted(&vol, &staging)? {
+        if !staged || !self.is_mounted_path(&staging)? {
             self.stage(&vol, &staging, &stage_cap)?;
         }
         let mut state = self.state(&vol)?;
@@ -662,6 +675,7 @@ impl Inner {
 
     fn create_ephemeral(&self, raw_id: &str, local: &LocalName, bytes: u64, fs_type: FsType) -> Result<()> {
         let _room = self.ledger.reserve(&self.store, &printable(raw_id), bytes)?;
+        self.store.unbury_ephemeral(local).map_err(|e| io_err("clear ephemeral tombstone", printable(raw_id), e))?;
         let work = self.store.work_dir("ephemeral").map_err(|e| io_err("make work dir", printable(raw_id), e))?;
         let f = OpenOptions::new()
             .write(true)
@@ -708,7 +722,7 @@ impl Inner {
             });
         }
         let dev = self.attached(vol)?;
-        let mounted = block && staged.is_some() || self.is_mounted(vol, path)?;
+        let mounted = block && staged.is_some() || self.is_mounted_path(path)?;
         let condition = match (&dev, mounted) {
             (None, _) => {
                 Condition::abnormal(format!("no loop device is attached to the image {}", self.image(vol).display()))

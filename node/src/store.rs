@@ -6,6 +6,7 @@
 //! <data-dir>/volumes/<local>/volume.json  VolumeRecord (what the controller made)
 //! <data-dir>/volumes/<local>/node.json    NodeState (where the node staged/published it)
 //! <data-dir>/ephemeral/<local>/...        inline ephemeral volumes, same layout
+//! <data-dir>/ephemeral/<local>.gone       tombstone of a deleted ephemeral volume (a day)
 //! <data-dir>/snapshots/<local>/image      the snapshot's image (reflink or sparse copy)
 //! <data-dir>/snapshots/<local>/snapshot.json
 //! <data-dir>/tmp/                         work area; anything here at start-up is debris
@@ -83,7 +84,48 @@ impl LoopStore {
         let root = root.canonicalize()?;
         let store = LoopStore { root };
         store.clear_tmp()?;
+        store.prune_tombstones()?;
         Ok(store)
+    }
+
+    fn tombstone_path(&self, local: &LocalName) -> PathBuf {
+        self.shelf_dir(Shelf::Ephemeral).join(format!("{local}.gone"))
+    }
+
+    /// Marks an inline ephemeral volume as deleted, so that a repeated NodeUnpublishVolume
+    /// (whose first answer was lost) is told OK rather than NOT_FOUND.
+    pub fn bury_ephemeral(&self, local: &LocalName) -> io::Result<()> {
+        File::create(self.tombstone_path(local))?.sync_all()?;
+        sync_dir(&self.shelf_dir(Shelf::Ephemeral))
+    }
+
+    /// Whether an inline ephemeral volume of this name was deleted recently.
+    pub fn ephemeral_buried(&self, local: &LocalName) -> bool {
+        self.tombstone_path(local).exists()
+    }
+
+    /// Forgets a tombstone (a new ephemeral volume of the same name is being made).
+    pub fn unbury_ephemeral(&self, local: &LocalName) -> io::Result<()> {
+        match fs::remove_file(self.tombstone_path(local)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// Tombstones last a day: the kubelet retries an unpublish for minutes, not days.
+    fn prune_tombstones(&self) -> io::Result<()> {
+        let day = std::time::Duration::from_secs(24 * 3600);
+        for e in fs::read_dir(self.shelf_dir(Shelf::Ephemeral))? {
+            let e = e?;
+            if !e.file_name().to_string_lossy().ends_with(".gone") {
+                continue;
+            }
+            let old = e.metadata()?.modified()?.elapsed().is_ok_and(|age| age > day);
+            if old {
+                fs::remove_file(e.path())?;
+            }
+        }
+        Ok(())
     }
 
     /// The canonical data dir.

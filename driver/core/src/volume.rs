@@ -108,8 +108,8 @@ pub struct Capability {
 }
 
 impl Capability {
-    /// Whether a local (single-node) volume of `fs_type` can give this capability.
-    pub fn check_local(&self, fs_type: FsType) -> Result<()> {
+    /// Whether a local (single-node) volume can give this access mode.
+    pub fn check_single_node(&self) -> Result<()> {
         if self.access_mode.is_multi_node() {
             return Err(Error::UnsupportedCapability {
                 reason: format!(
@@ -118,6 +118,12 @@ impl Capability {
                 ),
             });
         }
+        Ok(())
+    }
+
+    /// Whether a local (single-node) volume of `fs_type` can give this capability.
+    pub fn check_local(&self, fs_type: FsType) -> Result<()> {
+        self.check_single_node()?;
         if let AccessType::Mount { fs_type: Some(want), .. } = &self.access_type {
             if *want != fs_type {
                 return Err(Error::UnsupportedCapability {

@@ -44,6 +44,25 @@ pub fn freeze(mount_point: &Path) -> io::Result<FrozenFs> {
     Ok(FrozenFs { dir: Some(dir), mount_point: mount_point.to_path_buf() })
 }
 
+/// Thaws the filesystem at `mount_point` if it is frozen; answers whether it was.
+///
+/// For start-up: a process killed while holding a freeze leaves the filesystem frozen, and
+/// every write of the workload hangs until someone thaws it.
+pub fn thaw_if_frozen(mount_point: &Path) -> io::Result<bool> {
+    let dir = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY)
+        .open(mount_point)
+        .context(|| format!("open mount point {}", mount_point.display()))?;
+    // SAFETY: FITHAW ignores its argument; `dir` is an open fd we own.
+    match check_syscall(unsafe { libc::ioctl(dir.as_raw_fd(), FITHAW, 0) }) {
+        Ok(_) => Ok(true),
+        // EINVAL: not frozen.
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(false),
+        Err(e) => Err(e).context(|| format!("thaw the filesystem at {}", mount_point.display())),
+    }
+}
+
 impl FrozenFs {
     /// The mount point the freeze was asked for.
     pub fn mount_point(&self) -> &Path {
@@ -83,6 +102,19 @@ mod kernel_tests {
     use super::*;
     use crate::sys::errno;
     use crate::sys::test_fixtures::{ScratchFs, MIB};
+
+    #[test]
+    fn a_forgotten_freeze_is_thawed_by_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let scratch = ScratchFs::new(dir.path(), "forgotten", "ext4", 32 * MIB);
+        let root = scratch.root().to_path_buf();
+        assert!(!thaw_if_frozen(&root).unwrap(), "not frozen yet");
+        // A holder that dies without thawing, as a killed process would.
+        std::mem::forget(freeze(&root).unwrap());
+        assert!(thaw_if_frozen(&root).unwrap(), "it was frozen");
+        fs::write(root.join("after"), b"writable again").unwrap();
+        assert!(!thaw_if_frozen(&root).unwrap());
+    }
 
     #[test]
     fn freeze_blocks_writes_until_thaw() {
