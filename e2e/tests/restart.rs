@@ -18,6 +18,7 @@ ferrovol_e2e::family_tests!(loop_family => ferrovol_e2e::Family::loop_family();
     kill_after_each_step_block,
     kill_during_each_step_mount,
     kill_during_each_step_block,
+    reboot_with_volumes_staged,
 );
 
 /// When the driver dies relative to a call.
@@ -323,4 +324,50 @@ async fn kill_during_each_step_mount(family: &Family) {
 
 async fn kill_during_each_step_block(family: &Family) {
     run(family, vec![Access::Block], during_plan).await;
+}
+
+/// A reboot takes every mount and loop device away while the records stay. Each access type
+/// has one volume staged and published; after the "reboot" the driver's start-up reconcile
+/// must re-attach the loop devices and re-mount the staged filesystems before Probe says
+/// ready, and the kubelet's repeated NodeStage and NodePublish must bring the volumes back
+/// with their fsync'd data. Then everything is torn down without leaks.
+async fn reboot_with_volumes_staged(family: &Family) {
+    let mut driver = Driver::start(family, DriverOptions::default()).await;
+    let mut in_use = Vec::new();
+    for access in accesses(family) {
+        let name = unique_name("pvc", &format!("reboot-{}", access.label()));
+        let used =
+            ferrovol_e2e::steps::provision_and_publish(family, &driver, &name, access, access.small_bytes(family))
+                .await;
+        let written = Written::write(&used.vol, &used.target);
+        in_use.push((used, written));
+    }
+
+    driver.kill_9();
+    let attached = ferrovol_e2e::kernel::loop_devices_under(&driver.data_dir()).len();
+    assert_eq!(attached, in_use.len(), "each staged volume has its loop device before the reboot");
+    let stuck = driver.release_kernel_resources();
+    assert!(stuck.is_empty(), "the simulated reboot could not take away {stuck:#?}");
+    assert!(ferrovol_e2e::kernel::loop_devices_under(&driver.data_dir()).is_empty());
+    for (used, _) in &in_use {
+        assert!(ferrovol_e2e::kernel::mounts_at(&used.staging).is_empty(), "staging still mounted after the reboot");
+    }
+    driver.restart().await;
+
+    for (used, written) in &in_use {
+        // Reconcile alone (before any kubelet call) brings back what staging needs.
+        if let Access::Mount(_) = used.vol.access {
+            ferrovol_e2e::steps::check_staged(&used.vol, &used.staging, "after a reboot, before any call");
+            written.check(&used.vol, &used.staging, "through the re-mounted staging path after a reboot");
+        }
+        ferrovol_e2e::steps::stage(&driver, &used.vol, &used.staging).await;
+        ferrovol_e2e::steps::publish(&driver, &used.vol, &used.staging, &used.target, false).await;
+        written.check(&used.vol, &used.target, "after a reboot and the kubelet's repeated calls");
+    }
+    for (used, _) in &in_use {
+        ferrovol_e2e::steps::teardown(&driver, used).await;
+    }
+    driver.assert_no_leaks();
+    family.assert_no_leftover_storage(&driver.data_dir());
+    driver.stop().await;
 }
