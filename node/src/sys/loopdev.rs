@@ -103,6 +103,9 @@ impl LoopDevice {
     }
 }
 
+/// Serializes this process's attaches (see [`attach_with`]).
+static ATTACH_TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Attaches `image` to a free loop device with direct I/O and without autoclear.
 ///
 /// Direct I/O keeps the image's data from being cached twice in host memory (once for the
@@ -135,6 +138,10 @@ fn attach_with(
         OpenOptions::new().read(true).write(true).open(LOOP_CONTROL).context(|| format!("open {LOOP_CONTROL}"))?;
 
     let mut flags = LO_FLAGS_DIRECT_IO | if read_only { LO_FLAGS_READ_ONLY } else { 0 };
+    // LOOP_CTL_GET_FREE answers the same device to everyone until one configures it, so
+    // parallel attaches in this process would mostly race each other into EBUSY. Taking
+    // turns here costs ~1 ms per attach; the retries below are left for other processes.
+    let _turn = ATTACH_TURN.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     for attempt in 0..ATTACH_ATTEMPTS {
         // SAFETY: LOOP_CTL_GET_FREE takes no argument; `control` is an open fd we own.
         let number = check_syscall(unsafe { libc::ioctl(control.as_raw_fd(), LOOP_CTL_GET_FREE) })
