@@ -38,9 +38,10 @@ pub enum ClientCommand {
         /// Size, e.g. 1Gi or 512Mi.
         #[arg(long, default_value = "1Gi")]
         size: String,
-        /// Filesystem for mount access.
-        #[arg(long, default_value = "ext4")]
-        fs_type: String,
+        /// Filesystem for mount access (the driver's default, ext4, if not given; a restore
+        /// or clone keeps its source's).
+        #[arg(long)]
+        fs_type: Option<String>,
         /// Create it for raw block access.
         #[arg(long)]
         block: bool,
@@ -215,8 +216,8 @@ async fn run(cmd: ClientCommand) -> Result<(), String> {
         ClientCommand::Create { name, size, fs_type, block, from_snapshot, from_volume, params, target } => {
             use csi::volume_content_source::{SnapshotSource, Type, VolumeSource};
             let mut parameters: HashMap<String, String> = params.into_iter().collect();
-            if !block {
-                parameters.entry("fsType".into()).or_insert(fs_type.clone());
+            if let (false, Some(fs)) = (block, fs_type) {
+                parameters.entry("fsType".into()).or_insert(fs);
             }
             let source = match (from_snapshot, from_volume) {
                 (Some(s), _) => {
