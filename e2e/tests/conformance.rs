@@ -57,6 +57,7 @@ ferrovol_e2e::family_tests!(loop_family => ferrovol_e2e::Family::loop_family();
     create_from_source_rules,
     controller_expand_rules,
     node_stage_rules,
+    mount_flags,
     node_publish_rules,
     single_node_access_modes,
     readonly_publish,
@@ -2666,5 +2667,69 @@ async fn path_escape_ids_are_not_found(family: &Family) {
     assert_eq!(listed, vec![kept_snapshot.clone()], "the real snapshot must survive");
     steps::delete_snapshot(&driver, &kept_snapshot.snapshot_id).await;
     steps::delete_volume(&driver, &keeper).await;
+    m.assert_none();
+}
+
+/// Sets the mount flags of a mount capability.
+fn with_mount_flags(vol: &Vol, flags: &[&str]) -> Vol {
+    let mut v = vol.clone();
+    if let Some(ferrovol_e2e::csi::volume_capability::AccessType::Mount(m)) = v.capability.access_type.as_mut() {
+        m.mount_flags = flags.iter().map(|f| (*f).to_owned()).collect();
+    }
+    v
+}
+
+/// Mount flags from the capability reach both the staging mount and the publication; flags
+/// the driver refuses, and options the filesystem refuses, are INVALID_ARGUMENT and leave no
+/// loop device, no mount and no staged state behind.
+async fn mount_flags(family: &Family) {
+    let mut m = Mismatches::new();
+    let driver = Driver::start(family, DriverOptions::default()).await;
+    for fs in family.fs_types.clone() {
+        let access = Access::Mount(fs);
+        let name = unique_name("pvc", &format!("flags-{}", fs.name()));
+        let mut vol = steps::create_simple(family, &driver, &name, access, access.small_bytes(family)).await;
+        steps::controller_publish(&driver, &mut vol).await;
+        let staging = driver.staging_dir(&name);
+        let refused: [(&[&str], &str); 4] = [
+            (&["bind"], "bind (would expose a host path)"),
+            (&["noatime,exec"], "two options smuggled into one"),
+            (&["bad option"], "whitespace"),
+            (&["nosuchoption"], "an option the filesystem does not know"),
+        ];
+        for (flags, what) in refused {
+            let bad = with_mount_flags(&vol, flags);
+            m.code(
+                driver.node().node_stage_volume(bad.stage_request(&staging)).await,
+                &[Code::InvalidArgument],
+                &format!("NodeStageVolume {} with mount flag {what}", fs.name()),
+            );
+            driver.assert_no_leaks();
+        }
+
+        let flagged = with_mount_flags(&vol, &["noatime", "noexec"]);
+        steps::stage(&driver, &flagged, &staging).await;
+        let staged = kernel::mount_at(&staging).expect("staging mount");
+        for flag in ["noatime", "noexec"] {
+            m.check(
+                staged.mount_options.split(',').any(|o| o == flag),
+                format!("{}: the staging mount lacks {flag}: {:?}", fs.name(), staged.mount_options),
+            );
+        }
+        let target = driver.target_path(&name);
+        steps::publish(&driver, &flagged, &staging, &target, false).await;
+        let published = kernel::mount_at(&target).expect("target mount");
+        for flag in ["noatime", "noexec"] {
+            m.check(
+                published.mount_options.split(',').any(|o| o == flag),
+                format!("{}: the published mount lacks {flag}: {:?}", fs.name(), published.mount_options),
+            );
+        }
+        steps::unpublish(&driver, &flagged, &target).await;
+        steps::unstage(&driver, &flagged, &staging).await;
+        steps::controller_unpublish(&driver, &flagged).await;
+        steps::delete_volume(&driver, &flagged).await;
+    }
+    driver.assert_no_leaks();
     m.assert_none();
 }

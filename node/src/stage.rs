@@ -418,9 +418,10 @@ impl Inner {
                 tracing::info!(volume = %vol.id, dev_size, "filesystem grown to fill its device");
             }
         }
-        let data = vfs::mount_data(fs_type, data);
-        mount::mount_fs(&devpath, staging, fs_type.as_str(), flags, &data)
-            .map_err(|e| io_err("mount", format!("volume {}", vol.id), e))?;
+        let full = vfs::mount_data(fs_type, data);
+        if let Err(e) = mount::mount_fs(&devpath, staging, fs_type.as_str(), flags, &full) {
+            return Err(self.explain_mount_failure(vol, &devpath, staging, fs_type, data, e));
+        }
         if !fresh && fs_type == FsType::Xfs {
             if let Err(e) = vfs::grow(self.runner.as_ref(), fs_type, &devpath, staging) {
                 let _ = mount::unmount(staging);
@@ -428,6 +429,34 @@ impl Inner {
             }
         }
         Ok(())
+    }
+
+    /// A mount refused with EINVAL may be the CO's mount options (the filesystem rejects
+    /// options it does not know) or a damaged filesystem. Mounting once without the CO's
+    /// options tells which: then the caller gets INVALID_ARGUMENT naming the options instead
+    /// of INTERNAL.
+    fn explain_mount_failure(
+        &self,
+        vol: &Resolved,
+        dev: &Path,
+        staging: &Path,
+        fs_type: FsType,
+        co_data: &str,
+        err: io::Error,
+    ) -> Error {
+        let failed = io_err("mount", format!("volume {}", vol.id), &err);
+        if co_data.is_empty() || crate::sys::errno(&err) != Some(libc::EINVAL) {
+            return failed;
+        }
+        let plain = vfs::mount_data(fs_type, "");
+        if mount::mount_fs(dev, staging, fs_type.as_str(), MsFlags::MS_RDONLY, &plain).is_err() {
+            return failed;
+        }
+        let _ = mount::unmount(staging);
+        Error::invalid(
+            "volume_capability.mount.mount_flags",
+            format!("the {fs_type} filesystem of volume {} refuses the mount options {co_data:?}", vol.id),
+        )
     }
 
     fn unstage(&self, vol: &Resolved, staging: &Path) -> Result<()> {
