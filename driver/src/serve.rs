@@ -14,6 +14,7 @@ use ferrovol_core::guard::InFlight;
 use ferrovol_core::ids::NodeId;
 use ferrovol_node::agent::LoopAgent;
 use ferrovol_node::command::SystemRunner;
+use ferrovol_node::kernel::SystemKernel;
 use ferrovol_node::ledger::SpaceLedger;
 use ferrovol_node::service::NodeService;
 use ferrovol_node::stage::NodeOps;
@@ -65,7 +66,15 @@ pub async fn run(cfg: RunConfig) -> Result<(), StartError> {
     let inflight = InFlight::default();
     let ledger = Arc::new(SpaceLedger::default());
     let agent = LoopAgent::new(cfg.node_id.clone(), store.clone(), inflight.clone(), Arc::clone(&ledger));
-    let ops = NodeOps::new(cfg.node_id.clone(), store.clone(), inflight, ledger, Arc::new(SystemRunner), roots);
+    let ops = NodeOps::new(
+        cfg.node_id.clone(),
+        store.clone(),
+        inflight,
+        ledger,
+        Arc::new(SystemRunner),
+        Arc::new(SystemKernel),
+        roots,
+    );
 
     let ready = Arc::new(AtomicBool::new(false));
     let identity = IdentityService::new(cfg.driver_name.clone(), Arc::clone(&ready));

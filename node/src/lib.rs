@@ -4,6 +4,7 @@ pub mod agent;
 pub mod command;
 pub mod convert;
 pub mod fs;
+pub mod kernel;
 pub mod ledger;
 pub mod reconcile;
 pub mod rpc;

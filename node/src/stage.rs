@@ -20,9 +20,10 @@ use nix::mount::MsFlags;
 use crate::agent::volume_key;
 use crate::command::Runner;
 use crate::fs as vfs;
+use crate::kernel::Kernel;
 use crate::ledger::SpaceLedger;
 use crate::store::{records, LoopStore, NodeState, Published, Shelf, Staged};
-use crate::sys::{loopdev, mount, mountinfo};
+use crate::sys::{loopdev, mount};
 
 /// The volume-context key that marks an inline ephemeral volume.
 pub const EPHEMERAL_KEY: &str = "csi.storage.k8s.io/ephemeral";
@@ -63,6 +64,8 @@ struct Inner {
     store: LoopStore,
     inflight: InFlight,
     runner: Arc<dyn Runner>,
+    /// Loop control and mounting; the real kernel except in unit tests.
+    kernel: Arc<dyn Kernel>,
     /// Roots under which staging and target paths must lie (the kubelet's directory).
     path_roots: Vec<PathBuf>,
     mkfs: Slots,
@@ -123,6 +126,7 @@ impl NodeOps {
         inflight: InFlight,
         ledger: Arc<SpaceLedger>,
         runner: Arc<dyn Runner>,
+        kernel: Arc<dyn Kernel>,
         path_roots: Vec<PathBuf>,
     ) -> Self {
         NodeOps {
@@ -132,6 +136,7 @@ impl NodeOps {
                 inflight,
                 ledger,
                 runner,
+                kernel,
                 path_roots,
                 mkfs: Slots::new(MKFS_PER_CPU * std::thread::available_parallelism().map_or(1, |n| n.get())),
             }),
@@ -287,8 +292,7 @@ impl Inner {
     /// Whether something is mounted at `path`. Callers only ask about paths recorded for a
     /// volume, which the driver mounted itself.
     fn is_mounted_path(&self, path: &Path) -> Result<bool> {
-        let entries = mountinfo::read().map_err(|e| io_err("read mount table", path.display(), e))?;
-        Ok(mountinfo::find_by_mount_point(&entries, path).is_some())
+        Ok(self.kernel.mount_at(path).map_err(|e| io_err("read mount table", path.display(), e))?.is_some())
     }
 
     fn lock(&self, vol: &Resolved) -> Result<InFlightGuard> {
@@ -308,7 +312,7 @@ impl Inner {
     }
 
     fn attached(&self, vol: &Resolved) -> Result<Option<loopdev::LoopDevice>> {
-        loopdev::find_by_backing(&self.image(vol)).map_err(|e| io_err("list loop devices", &vol.id, e))
+        self.kernel.find_by_backing(&self.image(vol)).map_err(|e| io_err("list loop devices", &vol.id, e))
     }
 
     fn ephemeral_staging(&self, local: &LocalName) -> PathBuf {
@@ -317,11 +321,11 @@ impl Inner {
 
     /// The loop device bound onto a block target file (the mount's root is `/loopN` in devtmpfs).
     fn bound_device(&self, target: &Path) -> Result<Option<loopdev::LoopDevice>> {
-        let entries = mountinfo::read().map_err(|e| io_err("read mount table", target.display(), e))?;
-        Ok(mountinfo::find_by_mount_point(&entries, target)
+        let entry = self.kernel.mount_at(target).map_err(|e| io_err("read mount table", target.display(), e))?;
+        Ok(entry
             .and_then(|m| m.root.to_str()?.strip_prefix("/loop")?.parse::<u32>().ok())
             .map(|number| loopdev::LoopDevice { number })
-            .filter(loopdev::read_only))
+            .filter(|d| self.kernel.read_only(d)))
     }
 
     fn stage(&self, vol: &Resolved, staging: &Path, cap: &Capability) -> Result<()> {
@@ -354,7 +358,8 @@ impl Inner {
         let (dev, fresh) = match self.attached(vol)? {
             Some(d) => (d, false),
             None => (
-                loopdev::attach(&image, false)
+                self.kernel
+                    .attach(&image, false)
                     .map_err(|e| io_err("attach loop device", format!("volume {}", vol.id), e))?,
                 true,
             ),
@@ -362,7 +367,7 @@ impl Inner {
         let result = self.stage_on_device(vol, &dev, staging, cap, flags, &data, &mut state);
         if result.is_err() && fresh {
             // Leave nothing behind: the device this call attached goes away with its failure.
-            let _ = loopdev::detach(&dev);
+            let _ = self.kernel.detach(&dev);
         }
         result?;
         state.staged = Some(Staged { path: staging.to_path_buf(), block: cap.is_block(), mount_flags });
@@ -393,8 +398,8 @@ impl Inner {
             return Ok(());
         }
         let fs_type = vol.record.fs_type;
-        let dev_size = loopdev::device_size(&devpath).map_err(|e| io_err("read device size", &vol.id, e))?;
-        let fresh = match vfs::probe(&devpath).map_err(|e| io_err("probe filesystem", format!("volume {}", vol.id), e))? {
+        let dev_size = self.kernel.device_size(dev).map_err(|e| io_err("read device size", &vol.id, e))?;
+        let fresh = match self.kernel.probe(&devpath).map_err(|e| io_err("probe filesystem", format!("volume {}", vol.id), e))? {
             vfs::Probe::Blank => {
                 let _slot = self.mkfs.take();
                 vfs::make(self.runner.as_ref(), fs_type, &devpath)
@@ -419,12 +424,12 @@ impl Inner {
             }
         }
         let full = vfs::mount_data(fs_type, data);
-        if let Err(e) = mount::mount_fs(&devpath, staging, fs_type.as_str(), flags, &full) {
+        if let Err(e) = self.kernel.mount_fs(&devpath, staging, fs_type.as_str(), flags, &full) {
             return Err(self.explain_mount_failure(vol, &devpath, staging, fs_type, data, e));
         }
         if !fresh && fs_type == FsType::Xfs {
             if let Err(e) = vfs::grow(self.runner.as_ref(), fs_type, &devpath, staging) {
-                let _ = mount::unmount(staging);
+                let _ = self.kernel.unmount(staging);
                 return Err(io_err("grow filesystem", format!("volume {}", vol.id), e));
             }
         }
@@ -449,10 +454,10 @@ impl Inner {
             return failed;
         }
         let plain = vfs::mount_data(fs_type, "");
-        if mount::mount_fs(dev, staging, fs_type.as_str(), MsFlags::MS_RDONLY, &plain).is_err() {
+        if self.kernel.mount_fs(dev, staging, fs_type.as_str(), MsFlags::MS_RDONLY, &plain).is_err() {
             return failed;
         }
-        let _ = mount::unmount(staging);
+        let _ = self.kernel.unmount(staging);
         Error::invalid(
             "volume_capability.mount.mount_flags",
             format!("the {fs_type} filesystem of volume {} refuses the mount options {co_data:?}", vol.id),
@@ -470,7 +475,7 @@ impl Inner {
         }
         // Forget publications whose mounts are gone; refuse while any is still live.
         let live: Vec<&Published> =
-            state.published.iter().filter(|p| mountinfo::is_mount_point(&p.target).unwrap_or(false)).collect();
+            state.published.iter().filter(|p| self.kernel.is_mount_point(&p.target).unwrap_or(false)).collect();
         if !live.is_empty() {
             let targets: Vec<String> = live.iter().map(|p| p.target.display().to_string()).collect();
             return Err(Error::precondition(
@@ -481,11 +486,13 @@ impl Inner {
         let block = state.staged.as_ref().is_some_and(|s| s.block);
         if !block {
             while self.is_mounted_path(staging)? {
-                mount::unmount(staging).map_err(|e| io_err("unmount staging path", format!("volume {}", vol.id), e))?;
+                self.kernel
+                    .unmount(staging)
+                    .map_err(|e| io_err("unmount staging path", format!("volume {}", vol.id), e))?;
             }
         }
         if let Some(dev) = self.attached(vol)? {
-            loopdev::detach(&dev).map_err(|e| {
+            self.kernel.detach(&dev).map_err(|e| {
                 io_err("detach loop device", format!("volume {} ({})", vol.id, dev.path().display()), e)
             })?;
         }
@@ -587,28 +594,36 @@ impl Inner {
             // A read-only bind mount does not stop writes to a device node, so a read-only
             // block publication gets its own read-only loop device over the same image.
             let (dev, own) = if read_only {
-                let ro = loopdev::attach(&self.image(vol), true)
+                let ro = self
+                    .kernel
+                    .attach(&self.image(vol), true)
                     .map_err(|e| io_err("attach read-only loop device", format!("volume {}", vol.id), e))?;
                 (ro, true)
             } else {
                 (dev, false)
             };
-            if let Err(e) = mount::bind(&dev.path(), target, read_only, MsFlags::empty()) {
+            if let Err(e) = self.kernel.bind(&dev.path(), target, read_only, MsFlags::empty()) {
                 if own {
-                    let _ = loopdev::detach(&dev);
+                    let _ = self.kernel.detach(&dev);
                 }
                 return Err(io_err("bind device", format!("volume {}", vol.id), e));
             }
         } else {
             fs::create_dir_all(target).map_err(|e| io_err("create target directory", target.display(), e))?;
-            mount::bind(staging, target, read_only, extra)
+            self.kernel
+                .bind(staging, target, read_only, extra)
                 .map_err(|e| io_err("bind mount", format!("volume {}", vol.id), e))?;
         }
         if !state.published.iter().any(|p| p.target == target) {
             state.published.push(want);
         }
         if let Err(e) = self.save(vol, state) {
-            let _ = mount::unmount(target);
+            // Undo this publication whole, including a read-only block view's own device.
+            let ro_device = if cap.is_block() && read_only { self.bound_device(target).ok().flatten() } else { None };
+            let _ = self.kernel.unmount(target);
+            if let Some(dev) = ro_device {
+                let _ = self.kernel.detach(&dev);
+            }
             return Err(e);
         }
         tracing::info!(volume = %vol.id, target = %target.display(), read_only, "volume published");
@@ -627,11 +642,12 @@ impl Inner {
             None
         };
         while self.is_mounted_path(target)? {
-            mount::unmount(target).map_err(|e| io_err("unmount target", format!("volume {}", vol.id), e))?;
+            self.kernel.unmount(target).map_err(|e| io_err("unmount target", format!("volume {}", vol.id), e))?;
         }
         if let Some(dev) = ro_device {
             let image = loopdev::ImageId::of(&self.image(vol)).map_err(|e| io_err("stat image", &vol.id, e))?;
-            loopdev::detach_if_attached_to(&dev, image)
+            self.kernel
+                .detach_if_attached_to(&dev, image)
                 .map_err(|e| io_err("detach read-only loop device", format!("volume {}", vol.id), e))?;
         }
         let removed = if state.published[pos].block { fs::remove_file(target) } else { fs::remove_dir(target) };
@@ -761,7 +777,7 @@ impl Inner {
         };
         let stats = if block {
             let total_bytes = match &dev {
-                Some(d) => loopdev::device_size(&d.path()).map_err(|e| io_err("read device size", &vol.id, e))?,
+                Some(d) => self.kernel.device_size(d).map_err(|e| io_err("read device size", &vol.id, e))?,
                 None => 0,
             };
             Stats::Block { total_bytes }
@@ -788,8 +804,8 @@ impl Inner {
         let dev = self
             .attached(vol)?
             .ok_or_else(|| Error::precondition(format!("volume {}", vol.id), "its loop device is not attached"))?;
-        loopdev::set_capacity(&dev).map_err(|e| io_err("resize loop device", format!("volume {}", vol.id), e))?;
-        let size = loopdev::device_size(&dev.path()).map_err(|e| io_err("read device size", &vol.id, e))?;
+        self.kernel.set_capacity(&dev).map_err(|e| io_err("resize loop device", format!("volume {}", vol.id), e))?;
+        let size = self.kernel.device_size(&dev).map_err(|e| io_err("read device size", &vol.id, e))?;
         if let Some(req) = range.required {
             if size < req {
                 return Err(Error::CapacityOutOfRange {
@@ -818,6 +834,9 @@ fn mount_options(cap: &Capability, volume: &str) -> Result<(MsFlags, String)> {
         }),
     }
 }
+
+#[cfg(test)]
+mod fault_tests;
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
