@@ -72,10 +72,7 @@ impl LoopAgent {
     }
 
     async fn blocking<T: Send + 'static>(&self, f: impl FnOnce(&Inner) -> Result<T> + Send + 'static) -> Result<T> {
-        let inner = Arc::clone(&self.inner);
-        tokio::task::spawn_blocking(move || f(&inner))
-            .await
-            .map_err(|e| Error::system("run blocking task", "node agent", e))?
+        crate::on_blocking_thread(&self.inner, "node agent", f).await
     }
 
     fn ours(&self, node: &NodeId) -> bool {

@@ -154,10 +154,7 @@ impl NodeOps {
     }
 
     async fn blocking<T: Send + 'static>(&self, f: impl FnOnce(&Inner) -> Result<T> + Send + 'static) -> Result<T> {
-        let inner = Arc::clone(&self.inner);
-        tokio::task::spawn_blocking(move || f(&inner))
-            .await
-            .map_err(|e| Error::system("run blocking task", "node service", e))?
+        crate::on_blocking_thread(&self.inner, "node service", f).await
     }
 
     /// NodeStageVolume.
