@@ -316,6 +316,23 @@ impl Inner {
         self.store.volume_dir(Shelf::Ephemeral, local).join("stage")
     }
 
+    /// Unmounts, riding out brief EBUSY: a process forked while a file in the mount was open
+    /// holds a copy of that descriptor until it execs, and device probes come and go. A mount
+    /// still busy after about a second is reported (the CO retries); it is never detached
+    /// lazily, which would hide a workload still writing.
+    fn unmount_patiently(&self, path: &Path) -> io::Result<bool> {
+        let mut tries = 0;
+        loop {
+            match self.kernel.unmount(path) {
+                Err(e) if crate::sys::errno(&e) == Some(libc::EBUSY) && tries < 20 => {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                other => return other,
+            }
+        }
+    }
+
     /// The loop device bound onto a block target file (the mount's root is `/loopN` in devtmpfs).
     fn bound_device(&self, target: &Path) -> Result<Option<loopdev::LoopDevice>> {
         let entry = self.kernel.mount_at(target).map_err(|e| io_err("read mount table", target.display(), e))?;
@@ -483,8 +500,7 @@ impl Inner {
         let block = state.staged.as_ref().is_some_and(|s| s.block);
         if !block {
             while self.is_mounted_path(staging)? {
-                self.kernel
-                    .unmount(staging)
+                self.unmount_patiently(staging)
                     .map_err(|e| io_err("unmount staging path", format!("volume {}", vol.id), e))?;
             }
         }
@@ -639,7 +655,7 @@ impl Inner {
             None
         };
         while self.is_mounted_path(target)? {
-            self.kernel.unmount(target).map_err(|e| io_err("unmount target", format!("volume {}", vol.id), e))?;
+            self.unmount_patiently(target).map_err(|e| io_err("unmount target", format!("volume {}", vol.id), e))?;
         }
         if let Some(dev) = ro_device {
             let image = loopdev::ImageId::of(&self.image(vol)).map_err(|e| io_err("stat image", &vol.id, e))?;

@@ -35,7 +35,10 @@ const LO_NAME_SIZE: usize = 64;
 const BLKGETSIZE64: libc::Ioctl = nix::request_code_read!(0x12, 114, std::mem::size_of::<usize>()) as libc::Ioctl;
 
 /// How often `attach` asks for another free device when a concurrent attacher won the race.
-const ATTACH_ATTEMPTS: u32 = 8;
+/// Other processes attaching at the same time (another driver's tests, losetup, a CI job)
+/// can win many rounds in a row, so this is generous; with the jittered pauses below it
+/// spans about a third of a second.
+const ATTACH_ATTEMPTS: u32 = 64;
 
 /// `struct loop_info64` from `linux/loop.h`.
 #[repr(C)]
@@ -161,7 +164,10 @@ fn attach_with(
             // Another process configured the same free device between our GET_FREE and
             // CONFIGURE; ask again for the next free one.
             Err(err) if err.raw_os_error() == Some(libc::EBUSY) => {
-                thread::sleep(Duration::from_millis(u64::from(attempt) * 5));
+                // Jittered by process, so two processes that collided do not collide again
+                // in lockstep.
+                let jitter = u64::from(std::process::id().wrapping_add(attempt * 7) % 10);
+                thread::sleep(Duration::from_millis(1 + jitter));
             }
             Err(err) => {
                 return Err(with_context(
