@@ -8,7 +8,10 @@ use std::path::{Path, PathBuf};
 use prost_types::FileDescriptorProto;
 
 fn spec_dir() -> PathBuf {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/reference/csi-spec-v1.12.0");
+    // shared/ sits beside the checkout (CI lays it there too); CSI_SPEC_DIR overrides.
+    let dir = std::env::var_os("CSI_SPEC_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/reference/csi-spec-v1.12.0"));
     assert!(
         dir.join("csi.proto").is_file(),
         "the specification's csi.proto is not at {} (the shared/ folder sits beside the checkout)",
