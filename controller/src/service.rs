@@ -36,9 +36,25 @@ impl ControllerService {
         ControllerService { agent }
     }
 
-    /// The agent that owns volumes of `node`, or NOT_FOUND for a node nobody serves.
+    /// The agent that owns volumes of `node`, if any node agent serves it.
     fn agent_for(&self, node: &NodeId) -> Option<&Arc<dyn NodeAgent>> {
         (self.agent.node_id() == node).then_some(&self.agent)
+    }
+
+    /// The agent that owns a volume, or NOT_FOUND naming the node nobody serves.
+    fn volume_agent(&self, id: &VolumeId) -> Result<&Arc<dyn NodeAgent>> {
+        self.agent_for(id.node()).ok_or_else(|| Error::VolumeNotFound {
+            volume: id.to_string(),
+            reason: format!("node {} is not served here", id.node()),
+        })
+    }
+
+    /// The agent that owns a snapshot, or NOT_FOUND naming the node nobody serves.
+    fn snapshot_agent(&self, id: &SnapshotId) -> Result<&Arc<dyn NodeAgent>> {
+        self.agent_for(id.node()).ok_or_else(|| Error::SnapshotNotFound {
+            snapshot: id.to_string(),
+            reason: format!("node {} is not served here", id.node()),
+        })
     }
 }
 
@@ -233,10 +249,7 @@ impl csi::controller_server::Controller for ControllerService {
                 node: printable(&r.node_id),
                 reason: "not a valid node ID".into(),
             })?;
-            let agent = self.agent_for(id.node()).ok_or_else(|| Error::VolumeNotFound {
-                volume: id.to_string(),
-                reason: format!("node {} is not served here", id.node()),
-            })?;
+            let agent = self.volume_agent(&id)?;
             let (rec, _) = agent.get_volume(&id).await?;
             if self.agent_for(&node).is_none() {
                 return Err(Error::NodeNotFound {
@@ -310,10 +323,7 @@ impl csi::controller_server::Controller for ControllerService {
                 }
             }
             let id = VolumeId::parse(&r.volume_id)?;
-            let agent = self.agent_for(id.node()).ok_or_else(|| Error::VolumeNotFound {
-                volume: id.to_string(),
-                reason: format!("node {} is not served here", id.node()),
-            })?;
+            let agent = self.volume_agent(&id)?;
             let (rec, _) = agent.get_volume(&id).await?;
             let refusal = refusal
                 .or_else(|| VolumeParams::parse(&r.parameters).err().map(|e| e.to_string()))
@@ -433,10 +443,7 @@ impl csi::controller_server::Controller for ControllerService {
             required("source_volume_id", &r.source_volume_id)?;
             snapshot_params(&r.parameters)?;
             let source = VolumeId::parse(&r.source_volume_id)?;
-            let agent = self.agent_for(source.node()).ok_or_else(|| Error::VolumeNotFound {
-                volume: source.to_string(),
-                reason: format!("node {} is not served here", source.node()),
-            })?;
+            let agent = self.volume_agent(&source)?;
             let rec = agent.create_snapshot(&r.name, LocalName::from_co_name(&r.name), &source).await?;
             Ok(csi::CreateSnapshotResponse { snapshot: Some(snapshot_proto(&rec)) })
         })
@@ -502,10 +509,7 @@ impl csi::controller_server::Controller for ControllerService {
         call("GetSnapshot", &r.snapshot_id, Noise::Query, async {
             required("snapshot_id", &r.snapshot_id)?;
             let id = SnapshotId::parse(&r.snapshot_id)?;
-            let agent = self.agent_for(id.node()).ok_or_else(|| Error::SnapshotNotFound {
-                snapshot: id.to_string(),
-                reason: format!("node {} is not served here", id.node()),
-            })?;
+            let agent = self.snapshot_agent(&id)?;
             let rec = agent.get_snapshot(&id).await?;
             Ok(csi::GetSnapshotResponse { snapshot: Some(snapshot_proto(&rec)) })
         })
@@ -530,10 +534,7 @@ impl csi::controller_server::Controller for ControllerService {
                 None => false,
             };
             let id = VolumeId::parse(&r.volume_id)?;
-            let agent = self.agent_for(id.node()).ok_or_else(|| Error::VolumeNotFound {
-                volume: id.to_string(),
-                reason: format!("node {} is not served here", id.node()),
-            })?;
+            let agent = self.volume_agent(&id)?;
             let size = agent.expand_volume(&id, range).await?;
             // A filesystem must be grown by the node; a raw device is the right size already.
             Ok(csi::ControllerExpandVolumeResponse { capacity_bytes: size as i64, node_expansion_required: !block })
@@ -549,10 +550,7 @@ impl csi::controller_server::Controller for ControllerService {
         call("ControllerGetVolume", &r.volume_id, Noise::Query, async {
             required("volume_id", &r.volume_id)?;
             let id = VolumeId::parse(&r.volume_id)?;
-            let agent = self.agent_for(id.node()).ok_or_else(|| Error::VolumeNotFound {
-                volume: id.to_string(),
-                reason: format!("node {} is not served here", id.node()),
-            })?;
+            let agent = self.volume_agent(&id)?;
             let (rec, cond) = agent.get_volume(&id).await?;
             Ok(csi::ControllerGetVolumeResponse {
                 volume: Some(volume_proto(&rec, id.node())),

@@ -368,13 +368,8 @@ impl Inner {
         let allocated = fs::metadata(self.store.volume_image(Shelf::Volumes, source.local()))
             .map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512)
             .map_err(|e| io_err("stat image", source, e))?;
-        if allocated > self.ledger.available(&self.store)? {
-            return Err(Error::InsufficientCapacity {
-                volume: format!("snapshot {sid}"),
-                requested: allocated,
-                available: self.ledger.available(&self.store)?,
-            });
-        }
+        // A sparse copy takes what the source has allocated (a reflink takes less).
+        let _room = self.ledger.reserve(&self.store, &format!("snapshot {sid}"), allocated)?;
         let work = self.store.work_dir("snapshot").map_err(|e| io_err("make work dir", &sid, e))?;
         self.copy_volume_image(source.local(), source, &work.path().join(records::IMAGE))?;
         let (secs, nanos) = now();

@@ -378,7 +378,7 @@ impl Inner {
                 true,
             ),
         };
-        let result = self.stage_on_device(vol, &dev, staging, cap, flags, &data, &mut state);
+        let result = self.stage_on_device(vol, &dev, staging, cap, flags, &data);
         if result.is_err() && fresh {
             // Leave nothing behind: the device this call attached goes away with its failure.
             let _ = self.kernel.detach(&dev);
@@ -390,7 +390,6 @@ impl Inner {
         Ok(())
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn stage_on_device(
         &self,
         vol: &Resolved,
@@ -399,7 +398,6 @@ impl Inner {
         cap: &Capability,
         flags: MsFlags,
         data: &str,
-        _state: &mut NodeState,
     ) -> Result<()> {
         if cap.is_block() {
             return Ok(());
