@@ -58,6 +58,14 @@ struct RunArgs {
     /// max_volumes_per_node reported by NodeGetInfo.
     #[arg(long, default_value_t = 256)]
     max_volumes: i64,
+    /// An LVM volume group this node serves for `type: lvm` and `lvm-thin` volumes
+    /// (repeatable). Without it the LVM family is off. StorageClasses can name only these.
+    #[arg(long = "lvm-volume-group", env = "FERROVOL_LVM_VOLUME_GROUPS", value_delimiter = ',')]
+    lvm_volume_groups: Vec<String>,
+    /// Data or metadata use of a thin pool (percent) at which new thin volumes and
+    /// snapshots are refused and its volumes are reported abnormal.
+    #[arg(long, default_value_t = 90.0)]
+    thin_pool_full_percent: f64,
     /// Log format.
     #[arg(long, value_enum, default_value_t = logging::Format::Text)]
     log_format: logging::Format,
@@ -101,6 +109,8 @@ async fn run(args: RunArgs) -> ExitCode {
         driver_name: args.driver_name,
         kubelet_dirs: args.kubelet_dirs,
         max_volumes: args.max_volumes,
+        lvm_volume_groups: args.lvm_volume_groups,
+        thin_pool_full_percent: args.thin_pool_full_percent,
     };
     match serve::run(cfg).await {
         Ok(()) => ExitCode::SUCCESS,

@@ -14,8 +14,14 @@ use ferrovol_core::guard::InFlight;
 use ferrovol_core::ids::NodeId;
 use ferrovol_node::agent::LoopAgent;
 use ferrovol_node::command::SystemRunner;
+use ferrovol_node::families::FamilyAgents;
 use ferrovol_node::kernel::SystemKernel;
 use ferrovol_node::ledger::SpaceLedger;
+use ferrovol_node::lvm::agent::LvmAgent;
+use ferrovol_node::lvm::cli::LvmCli;
+use ferrovol_node::lvm::groups::VolumeGroups;
+use ferrovol_node::lvm::names::VgName;
+use ferrovol_node::lvm::tags;
 use ferrovol_node::service::NodeService;
 use ferrovol_node::stage::NodeOps;
 use ferrovol_node::store::LoopStore;
@@ -37,6 +43,9 @@ pub struct RunConfig {
     pub driver_name: String,
     pub kubelet_dirs: Vec<PathBuf>,
     pub max_volumes: i64,
+    /// LVM volume groups served; empty turns the LVM family off.
+    pub lvm_volume_groups: Vec<String>,
+    pub thin_pool_full_percent: f64,
 }
 
 /// Why the server could not start.
@@ -46,6 +55,8 @@ pub enum StartError {
     DataDir { path: String, source: io::Error },
     #[error("kubelet dir {path}: {source}")]
     KubeletDir { path: String, source: io::Error },
+    #[error("LVM: {0}")]
+    Lvm(String),
     #[error("endpoint {endpoint}: {reason}")]
     Endpoint { endpoint: String, reason: String },
     #[error("serving failed: {0}")]
@@ -65,16 +76,24 @@ pub async fn run(cfg: RunConfig) -> Result<(), StartError> {
     }
     let inflight = InFlight::default();
     let ledger = Arc::new(SpaceLedger::default());
-    let agent = LoopAgent::new(cfg.node_id.clone(), store.clone(), inflight.clone(), Arc::clone(&ledger));
-    let ops = NodeOps::new(
+    let loop_agent = LoopAgent::new(cfg.node_id.clone(), store.clone(), inflight.clone(), Arc::clone(&ledger));
+    let mut ops = NodeOps::new(
         cfg.node_id.clone(),
         store.clone(),
-        inflight,
+        inflight.clone(),
         ledger,
         Arc::new(SystemRunner),
         Arc::new(SystemKernel),
         roots,
     );
+    let lvm_agent = match lvm_groups(&cfg)? {
+        Some(groups) => {
+            ops = ops.with_lvm(Arc::clone(&groups));
+            Some(LvmAgent::new(cfg.node_id.clone(), groups, store.clone(), inflight))
+        }
+        None => None,
+    };
+    let agent = FamilyAgents::new(loop_agent, lvm_agent.clone());
 
     let ready = Arc::new(AtomicBool::new(false));
     let identity = IdentityService::new(cfg.driver_name.clone(), Arc::clone(&ready));
@@ -92,7 +111,7 @@ pub async fn run(cfg: RunConfig) -> Result<(), StartError> {
         ControllerService::new(Arc::new(agent)),
         gate.clone(),
     );
-    let node = csi::node_server::NodeServer::with_interceptor(NodeService::new(ops, cfg.max_volumes), gate);
+    let node = csi::node_server::NodeServer::with_interceptor(NodeService::new(ops.clone(), cfg.max_volumes), gate);
     let router = Server::builder()
         .add_service(csi::identity_server::IdentityServer::new(identity))
         .add_service(controller)
@@ -100,7 +119,17 @@ pub async fn run(cfg: RunConfig) -> Result<(), StartError> {
 
     let reconcile_store = store.clone();
     let reconcile_ready = Arc::clone(&ready);
+    let reconcile_ops = ops.clone();
     tokio::spawn(async move {
+        if let Some(lvm) = lvm_agent {
+            match lvm.clean_up_debris().await {
+                Ok(notes) => notes.iter().for_each(|n| tracing::warn!("LVM clean-up: {n}")),
+                Err(e) => tracing::error!("LVM clean-up failed: {e}"),
+            }
+            for note in reconcile_ops.restage_lvm().await {
+                tracing::info!("LVM reconcile: {note}");
+            }
+        }
         let report = tokio::task::spawn_blocking(move || ferrovol_node::reconcile::run(&reconcile_store)).await;
         if let Ok(r) = report {
             tracing::info!(
@@ -134,6 +163,35 @@ pub async fn run(cfg: RunConfig) -> Result<(), StartError> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The LVM volume groups of `--lvm-volume-group`, checked; `None` when none are served.
+fn lvm_groups(cfg: &RunConfig) -> Result<Option<Arc<VolumeGroups>>, StartError> {
+    if cfg.lvm_volume_groups.is_empty() {
+        return Ok(None);
+    }
+    if !tags::is_tag_safe(&cfg.driver_name) || !tags::is_tag_safe(cfg.node_id.as_str()) {
+        return Err(StartError::Lvm(format!(
+            "the driver name {:?} and node ID {} must be usable in LVM tags ([A-Za-z0-9_+.-])",
+            cfg.driver_name, cfg.node_id
+        )));
+    }
+    if !(1.0..=100.0).contains(&cfg.thin_pool_full_percent) {
+        return Err(StartError::Lvm(format!(
+            "--thin-pool-full-percent {} is not a percentage from 1 to 100",
+            cfg.thin_pool_full_percent
+        )));
+    }
+    let mut vgs = Vec::new();
+    for name in &cfg.lvm_volume_groups {
+        let vg = VgName::parse(name).map_err(|e| StartError::Lvm(format!("--lvm-volume-group {name:?}: {e}")))?;
+        if !vgs.contains(&vg) {
+            vgs.push(vg);
+        }
+    }
+    let cli = LvmCli::new(Arc::new(SystemRunner));
+    let owner = tags::Owner { driver: cfg.driver_name.clone(), node: cfg.node_id.to_string() };
+    Ok(Some(Arc::new(VolumeGroups::new(cli, owner, vgs, cfg.thin_pool_full_percent))))
 }
 
 /// Binds a unix socket, replacing a stale socket file left by a crash but never a live one

@@ -8,6 +8,10 @@ use std::path::Path;
 pub enum FamilyKind {
     /// Sparse image files in the node's data dir, attached as loop devices.
     Loop,
+    /// Linear logical volumes in the test volume group.
+    Lvm,
+    /// Thin logical volumes in the test volume group's thin pool.
+    LvmThin,
 }
 
 /// A filesystem the driver can put on a volume.
@@ -63,6 +67,8 @@ pub struct Family {
     pub block_minimum_bytes: i64,
     /// Extra arguments for `ferrovol run` (for example an S3 endpoint).
     pub driver_args: Vec<String>,
+    /// Sizes are whole multiples of this (1 MiB; an LVM extent, 4 MiB, for LVM).
+    pub size_unit: i64,
 }
 
 impl Family {
@@ -78,7 +84,43 @@ impl Family {
             topology_key: Some("topology.ferrovol.dev/node"),
             block_minimum_bytes: 16 * crate::MIB,
             driver_args: Vec::new(),
+            size_unit: crate::MIB,
         }
+    }
+
+    /// Linear LVM volumes in the process's test VG (inside the test VM only).
+    pub fn lvm_linear() -> Self {
+        Family::lvm(FamilyKind::Lvm, "lvm", &[])
+    }
+
+    /// Thin LVM volumes in the test VG's thin pool (inside the test VM only).
+    pub fn lvm_thin() -> Self {
+        let pool = crate::lvm::test_volume_group().thin_pool.clone();
+        Family::lvm(FamilyKind::LvmThin, "lvm-thin", &[("thinPool", &pool), ("thinPoolOverprovisionRatio", "10")])
+    }
+
+    fn lvm(kind: FamilyKind, type_name: &'static str, extra: &[(&str, &str)]) -> Self {
+        let vg = crate::lvm::test_volume_group();
+        let mut parameters =
+            HashMap::from([("type".to_owned(), type_name.to_owned()), ("volumeGroup".to_owned(), vg.name.clone())]);
+        parameters.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        Family {
+            name: type_name,
+            kind,
+            id_tag: "lvm",
+            parameters,
+            fs_types: vec![FsType::Ext4, FsType::Xfs],
+            block: true,
+            topology_key: Some("topology.ferrovol.dev/node"),
+            block_minimum_bytes: 16 * crate::MIB,
+            driver_args: vec!["--lvm-volume-group".to_owned(), vg.name.clone()],
+            size_unit: 4 * crate::MIB,
+        }
+    }
+
+    /// `bytes` rounded up to a whole size unit: the capacity a request for `bytes` gets.
+    pub fn round_up(&self, bytes: i64) -> i64 {
+        (bytes + self.size_unit - 1) / self.size_unit * self.size_unit
     }
 
     /// The prefix of every volume ID made on `node`.
@@ -106,10 +148,15 @@ impl Family {
         self.topology_key.map(|key| HashMap::from([(key.to_owned(), node.to_owned())]))
     }
 
-    /// Asserts that no volume or snapshot storage of this family is left in `data_dir`
+    /// Asserts that no volume or snapshot storage of this family is left behind by `driver`
     /// (after every volume and snapshot was deleted).
-    pub fn assert_no_leftover_storage(&self, data_dir: &Path) {
+    pub fn assert_no_leftover_storage(&self, driver: &crate::Driver) {
+        let data_dir: &Path = &driver.data_dir();
         match self.kind {
+            FamilyKind::Lvm | FamilyKind::LvmThin => {
+                let left = crate::lvm::lvs_of_node(driver.node_id());
+                assert!(left.is_empty(), "logical volumes left after everything was deleted: {left:?}");
+            }
             FamilyKind::Loop => {
                 // Any image is at least the 16 MiB minimum in apparent size, sparse or not.
                 let big: Vec<String> = crate::data::tree(data_dir, &[])

@@ -15,6 +15,7 @@ pub mod driver;
 pub mod family;
 pub mod independent;
 pub mod kernel;
+pub mod lvm;
 pub mod requests;
 pub mod sandbox;
 pub mod steps;
@@ -38,8 +39,20 @@ pub use sandbox::Sandbox;
 /// ferrovol_e2e::family_tests!(loop_family => ferrovol_e2e::Family::loop_family();
 ///     create_volume_is_idempotent, delete_volume_rules);
 /// ```
+///
+/// Several families with one list of scenarios:
+///
+/// ```text
+/// ferrovol_e2e::family_tests!([in_vm_lvm_linear => Family::lvm_linear(), in_vm_lvm_thin => Family::lvm_thin()];
+///     create_volume_is_idempotent, delete_volume_rules);
+/// ```
 #[macro_export]
 macro_rules! family_tests {
+    ([]; $($scenario:ident),+ $(,)?) => {};
+    ([$module:ident => $family:expr $(, $more:ident => $more_family:expr)* $(,)?]; $($scenario:ident),+ $(,)?) => {
+        $crate::family_tests!($module => $family; $($scenario),+);
+        $crate::family_tests!([$($more => $more_family),*]; $($scenario),+);
+    };
     ($module:ident => $family:expr; $($scenario:ident),+ $(,)?) => {
         mod $module {
             $(

@@ -19,6 +19,17 @@ ferrovol_e2e::family_tests!(loop_family => ferrovol_e2e::Family::loop_family();
     offline_expansion,
 );
 
+#[cfg(feature = "lvm-tests")]
+ferrovol_e2e::family_tests!([
+    in_vm_lvm_linear => ferrovol_e2e::Family::lvm_linear(),
+    in_vm_lvm_thin => ferrovol_e2e::Family::lvm_thin(),
+];
+    kubernetes_order_mount,
+    clone_from_volume,
+    block_mode,
+    offline_expansion,
+);
+
 fn first_fs(family: &Family) -> FsType {
     *family.fs_types.first().expect("a filesystem")
 }
@@ -76,7 +87,7 @@ async fn kubernetes_order_mount(family: &Family) {
             let mut driver = Driver::start(&family, DriverOptions::default()).await;
             mount_lifecycle(&family, &driver, fs).await;
             driver.assert_no_leaks();
-            family.assert_no_leftover_storage(&driver.data_dir());
+            family.assert_no_leftover_storage(&driver);
             driver.stop().await;
         }
     })
@@ -220,7 +231,7 @@ async fn clone_lifecycle(family: &Family, fs: FsType) {
         steps::teardown(&driver, &a).await;
         driver.assert_no_leaks();
     }
-    family.assert_no_leftover_storage(&driver.data_dir());
+    family.assert_no_leftover_storage(&driver);
     driver.stop().await;
 }
 
@@ -286,7 +297,7 @@ async fn block_mode(family: &Family) {
     steps::delete_snapshot(&driver, &snap.snapshot_id).await;
     steps::teardown(&driver, &a).await;
     driver.assert_no_leaks();
-    family.assert_no_leftover_storage(&driver.data_dir());
+    family.assert_no_leftover_storage(&driver);
     driver.stop().await;
 }
 
@@ -330,6 +341,6 @@ async fn offline_expansion(family: &Family) {
     steps::controller_unpublish(&driver, &vol).await;
     steps::delete_volume(&driver, &vol).await;
     driver.assert_no_leaks();
-    family.assert_no_leftover_storage(&driver.data_dir());
+    family.assert_no_leftover_storage(&driver);
     driver.stop().await;
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 use ferrovol_e2e::csi::{ControllerGetVolumeRequest, ListSnapshotsRequest, ListVolumesRequest};
 use ferrovol_e2e::independent::run_each;
 use ferrovol_e2e::requests::{self, accesses, create_request, unique_name};
-use ferrovol_e2e::{data, expect_ok, Access, Driver, DriverOptions, Family, Vol, MIB};
+use ferrovol_e2e::{data, expect_ok, Access, Driver, DriverOptions, Family, FamilyKind, Vol, MIB};
 use tonic::{Response, Status};
 
 ferrovol_e2e::family_tests!(loop_family => ferrovol_e2e::Family::loop_family();
@@ -18,6 +18,21 @@ ferrovol_e2e::family_tests!(loop_family => ferrovol_e2e::Family::loop_family();
     kill_after_each_step_block,
     kill_during_each_step_mount,
     kill_during_each_step_block,
+    reboot_with_volumes_staged,
+);
+
+#[cfg(feature = "lvm-tests")]
+ferrovol_e2e::family_tests!(in_vm_lvm_linear => ferrovol_e2e::Family::lvm_linear();
+    kill_after_each_step_mount,
+    kill_after_each_step_block,
+    kill_during_each_step_mount,
+    kill_during_each_step_block,
+    reboot_with_volumes_staged,
+);
+#[cfg(feature = "lvm-tests")]
+ferrovol_e2e::family_tests!(in_vm_lvm_thin => ferrovol_e2e::Family::lvm_thin();
+    kill_after_each_step_mount,
+    kill_during_each_step_mount,
     reboot_with_volumes_staged,
 );
 
@@ -288,7 +303,7 @@ async fn run(family: &Family, chosen: Vec<Access>, plan: fn() -> Box<dyn Iterato
             let mut driver = Driver::start(&family, DriverOptions::default()).await;
             let mut crashes = plan();
             crashing_lifecycle(&family, &mut driver, access, &mut crashes).await;
-            family.assert_no_leftover_storage(&driver.data_dir());
+            family.assert_no_leftover_storage(&driver);
             driver.stop().await;
         }
     })
@@ -345,10 +360,19 @@ async fn reboot_with_volumes_staged(family: &Family) {
 
     driver.kill_9();
     let attached = ferrovol_e2e::kernel::loop_devices_under(&driver.data_dir()).len();
-    assert_eq!(attached, in_use.len(), "each staged volume has its loop device before the reboot");
+    if family.kind == FamilyKind::Loop {
+        assert_eq!(attached, in_use.len(), "each staged volume has its loop device before the reboot");
+    }
     let stuck = driver.release_kernel_resources();
     assert!(stuck.is_empty(), "the simulated reboot could not take away {stuck:#?}");
     assert!(ferrovol_e2e::kernel::loop_devices_under(&driver.data_dir()).is_empty());
+    if family.kind != FamilyKind::Loop {
+        // A node that boots without LVM autoactivation: the LVs come back inactive.
+        let vg = ferrovol_e2e::lvm::test_volume_group().name.clone();
+        for lv in ferrovol_e2e::lvm::lvs_of_node(driver.node_id()) {
+            ferrovol_e2e::lvm::run(&["lvchange", "--activate", "n", &format!("{vg}/{lv}")]);
+        }
+    }
     for (used, _) in &in_use {
         assert!(ferrovol_e2e::kernel::mounts_at(&used.staging).is_empty(), "staging still mounted after the reboot");
     }
@@ -368,6 +392,6 @@ async fn reboot_with_volumes_staged(family: &Family) {
         ferrovol_e2e::steps::teardown(&driver, used).await;
     }
     driver.assert_no_leaks();
-    family.assert_no_leftover_storage(&driver.data_dir());
+    family.assert_no_leftover_storage(&driver);
     driver.stop().await;
 }

@@ -38,6 +38,9 @@ pub trait Runner: Send + Sync + fmt::Debug {
     fn run(&self, program: &str, args: &[&str]) -> Result<Output, CommandError>;
 }
 
+/// Environment variables the real runner passes on from the driver's own environment.
+const PASSED_THROUGH: [&str; 2] = ["LVM_SYSTEM_DIR", "DM_DISABLE_UDEV"];
+
 /// The real runner: `std::process::Command`, with a fixed, minimal environment so a
 /// caller's locale or PATH cannot change what the tools print.
 #[derive(Debug, Clone, Copy, Default)]
@@ -45,13 +48,21 @@ pub struct SystemRunner;
 
 impl Runner for SystemRunner {
     fn run(&self, program: &str, args: &[&str]) -> Result<Output, CommandError> {
-        let out = Command::new(program)
-            .args(args)
+        let mut cmd = Command::new(program);
+        cmd.args(args)
             .env_clear()
             .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
             .env("LC_ALL", "C")
-            .output()
-            .map_err(|source| CommandError::Spawn { program: program.to_owned(), source })?;
+            // lvm warns on stderr about every descriptor it inherits (tokio's among them).
+            .env("LVM_SUPPRESS_FD_WARNINGS", "1");
+        // Where lvm finds its configuration, and whether libdevmapper waits for udev: an
+        // operator's choice for hosts and containers without udev, so it passes through.
+        for key in PASSED_THROUGH {
+            if let Some(v) = std::env::var_os(key) {
+                cmd.env(key, v);
+            }
+        }
+        let out = cmd.output().map_err(|source| CommandError::Spawn { program: program.to_owned(), source })?;
         if out.status.success() {
             return Ok(Output { stdout: String::from_utf8_lossy(&out.stdout).into_owned() });
         }

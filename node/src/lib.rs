@@ -1,11 +1,13 @@
-//! CSI Node service and node agent of ferrovol: the loop backend, mkfs, mounts and stats.
+//! CSI Node service and node agents of ferrovol: the loop and LVM backends, mkfs, mounts and stats.
 
 pub mod agent;
 pub mod command;
 pub mod convert;
+pub mod families;
 pub mod fs;
 pub mod kernel;
 pub mod ledger;
+pub mod lvm;
 pub mod reconcile;
 pub mod rpc;
 pub mod service;

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use ferrovol_core::error::{Error, Result};
 use ferrovol_core::guard::{InFlight, InFlightGuard, Slots};
-use ferrovol_core::ids::{printable, LocalName, NodeId, VolumeId};
+use ferrovol_core::ids::{printable, Family, LocalName, NodeId, VolumeId};
 use ferrovol_core::params::{parse_quantity, CO_PREFIX};
 use ferrovol_core::volume::{AccessMode, AccessType, Capability, CapacityRange, Condition, FsType, VolumeRecord};
 use nix::mount::MsFlags;
@@ -22,6 +22,8 @@ use crate::command::Runner;
 use crate::fs as vfs;
 use crate::kernel::Kernel;
 use crate::ledger::SpaceLedger;
+use crate::lvm::groups::VolumeGroups;
+use crate::lvm::tags::Content;
 use crate::store::{records, LoopStore, NodeState, Published, Shelf, Staged};
 use crate::sys::{loopdev, mount};
 
@@ -43,6 +45,41 @@ pub struct Resolved {
     pub record: VolumeRecord,
     /// The ID as the CO sent it (ours, or the kubelet's for ephemeral volumes).
     pub id: String,
+    pub backing: Backing,
+}
+
+impl Resolved {
+    /// The file or device node behind the volume: its image, or its LV's device.
+    pub fn backing_path(&self) -> &Path {
+        match &self.backing {
+            Backing::Image(p) => p,
+            Backing::Lv { device, .. } => device,
+        }
+    }
+}
+
+/// What holds a volume's blocks.
+#[derive(Debug, Clone)]
+pub enum Backing {
+    /// A sparse image file, attached as a loop device while staged.
+    Image(PathBuf),
+    /// A logical volume, active from its creation to its deletion. `health` is what the LVM
+    /// report says of it (inactive, or its thin pool nearly full).
+    Lv { vg: String, lv: String, device: PathBuf, health: Condition },
+}
+
+/// The block device a volume is served through while staged.
+#[derive(Debug, Clone)]
+struct Device {
+    path: PathBuf,
+    /// The loop device, for image volumes (detached at unstage); `None` for an LV.
+    loop_dev: Option<loopdev::LoopDevice>,
+}
+
+impl Device {
+    fn of_loop(dev: loopdev::LoopDevice) -> Self {
+        Device { path: dev.path(), loop_dev: Some(dev) }
+    }
 }
 
 /// What NodeGetVolumeStats answers.
@@ -70,6 +107,8 @@ struct Inner {
     path_roots: Vec<PathBuf>,
     mkfs: Slots,
     ledger: Arc<SpaceLedger>,
+    /// The LVM volume groups this node serves, if any.
+    lvm: Option<Arc<VolumeGroups>>,
 }
 
 fn io_err(op: &str, object: impl std::fmt::Display, e: impl std::fmt::Display) -> Error {
@@ -139,8 +178,23 @@ impl NodeOps {
                 kernel,
                 path_roots,
                 mkfs: Slots::new(MKFS_PER_CPU * std::thread::available_parallelism().map_or(1, |n| n.get())),
+                lvm: None,
             }),
         }
+    }
+
+    /// Serves LVM volumes of `groups` too. Call right after `new`.
+    pub fn with_lvm(mut self, groups: Arc<VolumeGroups>) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.lvm = Some(groups);
+        }
+        self
+    }
+
+    /// After a reboot, mounts LVM volumes again that the node state calls staged (the loop
+    /// family's equivalent is in `reconcile`). Answers what it did, for the start-up log.
+    pub async fn restage_lvm(&self) -> Vec<String> {
+        self.blocking(|i| Ok(i.restage_lvm())).await.unwrap_or_else(|e| vec![e.to_string()])
     }
 
     /// The node this serves.
@@ -273,6 +327,7 @@ impl Inner {
         }
         let not_found = |reason: String| Error::VolumeNotFound { volume: printable(raw), reason };
         let (shelf, local) = match VolumeId::parse(raw) {
+            Ok(id) if id.node() == &self.node && id.family() == Family::Lvm => return self.resolve_lv(&id),
             Ok(id) if id.node() == &self.node => (Shelf::Volumes, id.local().clone()),
             Ok(id) => return Err(not_found(format!("it lives on node {}, this is node {}", id.node(), self.node))),
             // Not one of our IDs: it can only be an inline ephemeral volume the kubelet named.
@@ -283,7 +338,76 @@ impl Inner {
             .read_volume(shelf, &local)
             .map_err(|e| io_err("read volume record", printable(raw), e))?
             .ok_or_else(|| not_found(String::new()))?;
-        Ok(Resolved { shelf, local, record, id: printable(raw) })
+        let backing = Backing::Image(self.store.volume_dir(shelf, &local).join(records::IMAGE));
+        Ok(Resolved { shelf, local, record, id: printable(raw), backing })
+    }
+
+    fn resolve_lv(&self, id: &VolumeId) -> Result<Resolved> {
+        let not_found = |reason: String| Error::VolumeNotFound { volume: id.to_string(), reason };
+        let groups = self
+            .lvm
+            .as_ref()
+            .ok_or_else(|| not_found(format!("the lvm family is not enabled on node {}", self.node)))?;
+        let report = groups.report()?;
+        let found =
+            groups.find(&report, &crate::lvm::volume_lv(id.local())?).ok_or_else(|| not_found(String::new()))?;
+        let record = match &found.owned.content {
+            Content::Volume(rec) if !found.owned.creating => {
+                let mut rec = rec.clone();
+                rec.capacity_bytes = found.lv.size_bytes;
+                rec
+            }
+            _ => return Err(not_found("its logical volume is not a finished volume".into())),
+        };
+        let health = match found.lv.pool.as_deref().and_then(|p| groups.pool_full(&report, &found.lv.vg, p)) {
+            Some(reason) => Condition::abnormal(reason),
+            None if !found.lv.active => {
+                Condition::abnormal(format!("logical volume {}/{} is not active", found.lv.vg, found.lv.name))
+            }
+            None => Condition::healthy(),
+        };
+        let backing =
+            Backing::Lv { vg: found.lv.vg.clone(), lv: found.lv.name.clone(), device: found.device(), health };
+        Ok(Resolved { shelf: Shelf::Lvm, local: id.local().clone(), record, id: id.to_string(), backing })
+    }
+
+    fn restage_lvm(&self) -> Vec<String> {
+        let mut notes = Vec::new();
+        let names = match self.store.node_state_names(Shelf::Lvm) {
+            Ok(n) => n,
+            Err(e) => return vec![format!("listing LVM node state failed: {e}")],
+        };
+        for local in names {
+            let id = VolumeId::new(Family::Lvm, self.node.clone(), local.clone()).to_string();
+            let Ok(st) = self.store.read_node_state(Shelf::Lvm, &local) else { continue };
+            let Some(staged) = st.staged else { continue };
+            let vol = match self.resolve(&id) {
+                Ok(v) => v,
+                Err(e) => {
+                    notes.push(format!("staged volume {id} cannot be brought back: {e}"));
+                    continue;
+                }
+            };
+            if !staged.block && (!staged.path.is_dir() || self.is_mounted_path(&staged.path).unwrap_or(true)) {
+                continue;
+            }
+            if staged.block && vol.backing_path().exists() {
+                continue;
+            }
+            let cap = Capability {
+                access_type: if staged.block {
+                    AccessType::Block
+                } else {
+                    AccessType::Mount { fs_type: None, mount_flags: staged.mount_flags.clone() }
+                },
+                access_mode: AccessMode::SingleNodeWriter,
+            };
+            match self.lock(&vol).and_then(|_g| self.stage(&vol, &staged.path, &cap)) {
+                Ok(()) => notes.push(format!("staged volume {id} brought back at {}", staged.path.display())),
+                Err(e) => notes.push(format!("staged volume {id} could not be brought back: {e}")),
+            }
+        }
+        notes
     }
 
     /// Whether something is mounted at `path`. Callers only ask about paths recorded for a
@@ -304,12 +428,52 @@ impl Inner {
         self.store.write_node_state(vol.shelf, &vol.local, st).map_err(|e| io_err("write node state", &vol.id, e))
     }
 
-    fn image(&self, vol: &Resolved) -> PathBuf {
-        self.store.volume_dir(vol.shelf, &vol.local).join(records::IMAGE)
+    /// The block device serving the volume now, if any: its loop device, or its LV's
+    /// device node while the LV is active.
+    fn device(&self, vol: &Resolved) -> Result<Option<Device>> {
+        match &vol.backing {
+            Backing::Image(image) => Ok(self
+                .kernel
+                .find_by_backing(image)
+                .map_err(|e| io_err("list loop devices", &vol.id, e))?
+                .map(Device::of_loop)),
+            Backing::Lv { device, .. } => Ok(device.exists().then(|| Device { path: device.clone(), loop_dev: None })),
+        }
     }
 
-    fn attached(&self, vol: &Resolved) -> Result<Option<loopdev::LoopDevice>> {
-        self.kernel.find_by_backing(&self.image(vol)).map_err(|e| io_err("list loop devices", &vol.id, e))
+    /// Makes the volume's block device: attaches its image, or activates its LV. Answers
+    /// whether the device is new (to be taken down again if the stage fails).
+    fn bring_up(&self, vol: &Resolved) -> Result<(Device, bool)> {
+        match &vol.backing {
+            Backing::Image(image) => {
+                let dev = self
+                    .kernel
+                    .attach(image, false)
+                    .map_err(|e| io_err("attach loop device", format!("volume {}", vol.id), e))?;
+                Ok((Device::of_loop(dev), true))
+            }
+            Backing::Lv { vg, lv, device, .. } => {
+                let groups = self.lvm.as_ref().ok_or_else(|| {
+                    Error::precondition(format!("volume {}", vol.id), "the lvm family is not enabled on this node")
+                })?;
+                let (vgn, lvn) = crate::lvm::names::VgName::parse(vg)
+                    .and_then(|v| Ok((v, crate::lvm::names::LvName::parse(lv)?)))
+                    .map_err(|e| io_err("name logical volume", &vol.id, e))?;
+                groups
+                    .cli()
+                    .activate(&vgn, &lvn)
+                    .map_err(|e| io_err("activate logical volume", format!("volume {} ({vg}/{lv})", vol.id), e))?;
+                Ok((Device { path: device.clone(), loop_dev: None }, false))
+            }
+        }
+    }
+
+    fn device_size(&self, vol: &Resolved, dev: &Device) -> Result<u64> {
+        match &dev.loop_dev {
+            Some(l) => self.kernel.device_size(l),
+            None => loopdev::device_size(&dev.path),
+        }
+        .map_err(|e| io_err("read device size", &vol.id, e))
     }
 
     fn ephemeral_staging(&self, local: &LocalName) -> PathBuf {
@@ -368,32 +532,26 @@ impl Inner {
                 });
             }
         }
-        let image = self.image(vol);
-        let (dev, fresh) = match self.attached(vol)? {
+        let (dev, fresh) = match self.device(vol)? {
             Some(d) => (d, false),
-            None => (
-                self.kernel
-                    .attach(&image, false)
-                    .map_err(|e| io_err("attach loop device", format!("volume {}", vol.id), e))?,
-                true,
-            ),
+            None => self.bring_up(vol)?,
         };
         let result = self.stage_on_device(vol, &dev, staging, cap, flags, &data);
-        if result.is_err() && fresh {
+        if let (Err(_), true, Some(l)) = (&result, fresh, &dev.loop_dev) {
             // Leave nothing behind: the device this call attached goes away with its failure.
-            let _ = self.kernel.detach(&dev);
+            let _ = self.kernel.detach(l);
         }
         result?;
         state.staged = Some(Staged { path: staging.to_path_buf(), block: cap.is_block(), mount_flags });
         self.save(vol, &state)?;
-        tracing::info!(volume = %vol.id, device = %dev.path().display(), staging = %staging.display(), "volume staged");
+        tracing::info!(volume = %vol.id, device = %dev.path.display(), staging = %staging.display(), "volume staged");
         Ok(())
     }
 
     fn stage_on_device(
         &self,
         vol: &Resolved,
-        dev: &loopdev::LoopDevice,
+        dev: &Device,
         staging: &Path,
         cap: &Capability,
         flags: MsFlags,
@@ -402,7 +560,7 @@ impl Inner {
         if cap.is_block() {
             return Ok(());
         }
-        let devpath = dev.path();
+        let devpath = dev.path.clone();
         if !staging.is_dir() {
             fs::create_dir_all(staging).map_err(|e| io_err("create staging directory", staging.display(), e))?;
         }
@@ -410,7 +568,7 @@ impl Inner {
             return Ok(());
         }
         let fs_type = vol.record.fs_type;
-        let dev_size = self.kernel.device_size(dev).map_err(|e| io_err("read device size", &vol.id, e))?;
+        let dev_size = self.device_size(vol, dev)?;
         let fresh = match self.kernel.probe(&devpath).map_err(|e| io_err("probe filesystem", format!("volume {}", vol.id), e))? {
             vfs::Probe::Blank => {
                 let _slot = self.mkfs.take();
@@ -502,7 +660,7 @@ impl Inner {
                     .map_err(|e| io_err("unmount staging path", format!("volume {}", vol.id), e))?;
             }
         }
-        if let Some(dev) = self.attached(vol)? {
+        if let Some(dev) = self.device(vol)?.and_then(|d| d.loop_dev) {
             self.kernel.detach(&dev).map_err(|e| {
                 io_err("detach loop device", format!("volume {} ({})", vol.id, dev.path().display()), e)
             })?;
@@ -587,10 +745,10 @@ impl Inner {
         }
         let (extra, _) = mount_options(cap, &vol.id)?;
         if cap.is_block() {
-            let dev = self.attached(vol)?.ok_or_else(|| {
+            let dev = self.device(vol)?.ok_or_else(|| {
                 Error::precondition(
                     format!("volume {}", vol.id),
-                    "its loop device is not attached; NodeStageVolume again",
+                    "its block device is not there (loop device detached or LV inactive); NodeStageVolume again",
                 )
             })?;
             if let Some(parent) = target.parent() {
@@ -603,19 +761,19 @@ impl Inner {
                 .open(target)
                 .map_err(|e| io_err("create block target", target.display(), e))?;
             // A read-only bind mount does not stop writes to a device node, so a read-only
-            // block publication gets its own read-only loop device over the same image.
-            let (dev, own) = if read_only {
+            // block publication gets its own read-only loop device over the same image or LV.
+            let (source, own) = if read_only {
                 let ro = self
                     .kernel
-                    .attach(&self.image(vol), true)
+                    .attach(vol.backing_path(), true)
                     .map_err(|e| io_err("attach read-only loop device", format!("volume {}", vol.id), e))?;
-                (ro, true)
+                (ro.path(), Some(ro))
             } else {
-                (dev, false)
+                (dev.path, None)
             };
-            if let Err(e) = self.kernel.bind(&dev.path(), target, read_only, MsFlags::empty()) {
-                if own {
-                    let _ = self.kernel.detach(&dev);
+            if let Err(e) = self.kernel.bind(&source, target, read_only, MsFlags::empty()) {
+                if let Some(own) = own {
+                    let _ = self.kernel.detach(&own);
                 }
                 return Err(io_err("bind device", format!("volume {}", vol.id), e));
             }
@@ -656,7 +814,8 @@ impl Inner {
             self.unmount_patiently(target).map_err(|e| io_err("unmount target", format!("volume {}", vol.id), e))?;
         }
         if let Some(dev) = ro_device {
-            let image = loopdev::ImageId::of(&self.image(vol)).map_err(|e| io_err("stat image", &vol.id, e))?;
+            let image =
+                loopdev::ImageId::of(vol.backing_path()).map_err(|e| io_err("stat backing device", &vol.id, e))?;
             self.kernel
                 .detach_if_attached_to(&dev, image)
                 .map_err(|e| io_err("detach read-only loop device", format!("volume {}", vol.id), e))?;
@@ -777,18 +936,22 @@ impl Inner {
                 reason: format!("{} does not exist", path.display()),
             });
         }
-        let dev = self.attached(vol)?;
+        let dev = self.device(vol)?;
         let mounted = block && staged.is_some() || self.is_mounted_path(path)?;
-        let condition = match (&dev, mounted) {
-            (None, _) => {
-                Condition::abnormal(format!("no loop device is attached to the image {}", self.image(vol).display()))
+        let condition = match (&dev, mounted, &vol.backing) {
+            (None, _, Backing::Image(image)) => {
+                Condition::abnormal(format!("no loop device is attached to the image {}", image.display()))
             }
-            (Some(_), false) => Condition::abnormal(format!("{} is not mounted", path.display())),
-            (Some(_), true) => Condition::healthy(),
+            (None, _, Backing::Lv { vg, lv, .. }) => {
+                Condition::abnormal(format!("logical volume {vg}/{lv} has no device node (not active)"))
+            }
+            (Some(_), false, _) => Condition::abnormal(format!("{} is not mounted", path.display())),
+            (Some(_), true, Backing::Lv { health, .. }) => health.clone(),
+            (Some(_), true, Backing::Image(_)) => Condition::healthy(),
         };
         let stats = if block {
             let total_bytes = match &dev {
-                Some(d) => self.kernel.device_size(d).map_err(|e| io_err("read device size", &vol.id, e))?,
+                Some(d) => self.device_size(vol, d)?,
                 None => 0,
             };
             Stats::Block { total_bytes }
@@ -812,11 +975,17 @@ impl Inner {
                 reason: format!("it is neither staged nor published at {}", path.display()),
             });
         }
-        let dev = self
-            .attached(vol)?
-            .ok_or_else(|| Error::precondition(format!("volume {}", vol.id), "its loop device is not attached"))?;
-        self.kernel.set_capacity(&dev).map_err(|e| io_err("resize loop device", format!("volume {}", vol.id), e))?;
-        let size = self.kernel.device_size(&dev).map_err(|e| io_err("read device size", &vol.id, e))?;
+        let dev = self.device(vol)?.ok_or_else(|| {
+            Error::precondition(
+                format!("volume {}", vol.id),
+                "its block device is not there (loop device detached or LV inactive)",
+            )
+        })?;
+        if let Some(l) = &dev.loop_dev {
+            // An LV's device grows with lvextend; a loop device re-reads its image's size.
+            self.kernel.set_capacity(l).map_err(|e| io_err("resize loop device", format!("volume {}", vol.id), e))?;
+        }
+        let size = self.device_size(vol, &dev)?;
         if let Some(req) = range.required {
             if size < req {
                 return Err(Error::CapacityOutOfRange {
@@ -828,7 +997,7 @@ impl Inner {
             }
         }
         if !staged.block {
-            vfs::grow(self.runner.as_ref(), vol.record.fs_type, &dev.path(), &staged.path)
+            vfs::grow(self.runner.as_ref(), vol.record.fs_type, &dev.path, &staged.path)
                 .map_err(|e| io_err("grow filesystem", format!("volume {}", vol.id), e))?;
         }
         tracing::info!(volume = %vol.id, size, "volume expanded on node");

@@ -33,6 +33,8 @@ pub enum Shelf {
     Volumes,
     /// Inline ephemeral volumes made by NodePublishVolume.
     Ephemeral,
+    /// The node's mount state of LVM volumes (only `node.json`: the volume is its LV).
+    Lvm,
 }
 
 /// Where the node staged a volume.
@@ -78,7 +80,7 @@ const SNAPSHOT_RECORD: &str = "snapshot.json";
 impl LoopStore {
     /// Opens (and lays out) the store, clearing debris a crash left in `tmp/`.
     pub fn open(root: &Path) -> io::Result<Self> {
-        for d in ["volumes", "ephemeral", "snapshots", "tmp"] {
+        for d in ["volumes", "ephemeral", "snapshots", "lvm", "tmp"] {
             fs::create_dir_all(root.join(d))?;
         }
         let root = root.canonicalize()?;
@@ -149,6 +151,7 @@ impl LoopStore {
         self.root.join(match shelf {
             Shelf::Volumes => "volumes",
             Shelf::Ephemeral => "ephemeral",
+            Shelf::Lvm => "lvm",
         })
     }
 
@@ -204,9 +207,20 @@ impl LoopStore {
         Ok(read_json(&self.volume_dir(shelf, local).join(NODE_RECORD))?.unwrap_or_default())
     }
 
-    /// Replaces the node's state for a volume.
+    /// Replaces the node's state for a volume. On the LVM shelf the volume's directory holds
+    /// only this record, so the first write makes it.
     pub fn write_node_state(&self, shelf: Shelf, local: &LocalName, st: &NodeState) -> io::Result<()> {
-        write_json(&self.volume_dir(shelf, local), NODE_RECORD, st)
+        let dir = self.volume_dir(shelf, local);
+        if shelf == Shelf::Lvm && !dir.is_dir() {
+            fs::create_dir_all(&dir)?;
+            sync_dir(&self.shelf_dir(shelf))?;
+        }
+        write_json(&dir, NODE_RECORD, st)
+    }
+
+    /// Local names with node state on a shelf, sorted.
+    pub fn node_state_names(&self, shelf: Shelf) -> io::Result<Vec<LocalName>> {
+        list_names(&self.shelf_dir(shelf))
     }
 
     /// Removes a volume: renamed into `tmp/` (atomic disappearance), then deleted.
@@ -332,9 +346,8 @@ fn list_names(dir: &Path) -> io::Result<Vec<LocalName>> {
         let e = e?;
         let name = e.file_name();
         let Some(name) = name.to_str() else { continue };
-        let local = LocalName::from_co_name(name);
-        // Only directories whose names are already valid local names are ours.
-        if local.as_str() == name {
+        // Only directories whose names are valid local names (kept or hashed) are ours.
+        if let Some(local) = LocalName::parse(name) {
             names.push(local);
         }
     }
@@ -403,6 +416,20 @@ mod tests {
         assert_eq!(s.list_volumes(Shelf::Volumes).unwrap().len(), 1);
         assert!(s.remove_volume(Shelf::Volumes, &local).unwrap());
         assert!(!s.remove_volume(Shelf::Volumes, &local).unwrap());
+    }
+
+    #[test]
+    fn volumes_with_hashed_names_are_listed() {
+        let d = tempfile::tempdir().unwrap();
+        let s = LoopStore::open(d.path()).unwrap();
+        let local = LocalName::from_co_name("Not A DNS Label");
+        assert!(local.as_str().starts_with("h_"));
+        let w = s.work_dir("create").unwrap();
+        w.write_record(records::VOLUME, &rec("hashed", 1 << 20)).unwrap();
+        s.commit_volume(w, Shelf::Volumes, &local).unwrap();
+        let listed = s.list_volumes(Shelf::Volumes).unwrap();
+        assert_eq!(listed.len(), 1, "a volume whose CO name was hashed is still listed");
+        assert_eq!(listed[0].0, local);
     }
 
     #[test]

@@ -58,6 +58,10 @@ pub enum Error {
     /// Not enough space on the node for this request.
     #[error("not enough capacity for {volume:?}: requested {requested} bytes, {available} bytes available")]
     InsufficientCapacity { volume: String, requested: u64, available: u64 },
+    /// A storage pool cannot take the request (a volume group out of extents, a thin pool
+    /// at its fill threshold or overprovisioning limit); the reason names the pool.
+    #[error("not enough capacity for {object}: {reason}")]
+    PoolExhausted { object: String, reason: String },
     /// The accessibility requirements exclude every node that could hold the volume.
     #[error("cannot provision {volume:?} in the requested topology: {reason}")]
     TopologyUnreachable { volume: String, reason: String },
@@ -98,6 +102,7 @@ impl Error {
             Error::InProgress { .. } => Code::Aborted,
             Error::CapacityOutOfRange { .. } => Code::OutOfRange,
             Error::InsufficientCapacity { .. } => Code::ResourceExhausted,
+            Error::PoolExhausted { .. } => Code::ResourceExhausted,
             Error::TopologyUnreachable { .. } => Code::ResourceExhausted,
             Error::Precondition { .. } => Code::FailedPrecondition,
             Error::BadToken { .. } => Code::Aborted,

@@ -24,6 +24,8 @@ const MAX_LOCAL_BYTES: usize = 63;
 pub enum Family {
     /// A sparse image file attached as a loop device (the embedded default).
     Loop,
+    /// A logical volume in an LVM volume group, linear or thin (`type: lvm` / `lvm-thin`).
+    Lvm,
 }
 
 impl Family {
@@ -31,12 +33,14 @@ impl Family {
     pub fn as_str(self) -> &'static str {
         match self {
             Family::Loop => "loop",
+            Family::Lvm => "lvm",
         }
     }
 
     fn parse(s: &str) -> Option<Self> {
         match s {
             "loop" => Some(Family::Loop),
+            "lvm" => Some(Family::Lvm),
             _ => None,
         }
     }
@@ -101,7 +105,9 @@ impl LocalName {
         LocalName(format!("h_{hex}"))
     }
 
-    fn parse(s: &str) -> Option<Self> {
+    /// Checks a name read back from disk or a report: `None` unless it is a valid local
+    /// name as it stands (no hashing).
+    pub fn parse(s: &str) -> Option<Self> {
         let ok = !s.is_empty()
             && s.len() <= MAX_LOCAL_BYTES
             && s.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-' || c == b'_');
@@ -265,7 +271,7 @@ mod tests {
             "loop.vol:worker-1:pvc:extra",
             "loop.vol:worker-1:.hidden",
             "loop.vol:worker-1:",
-            "lvm.vol:worker-1:pvc",
+            "lvm-thin.vol:worker-1:pvc",
             "loop.vol:.worker:pvc",
             "loop.vol:worker-1:PVC",
         ] {

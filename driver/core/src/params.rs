@@ -14,15 +14,39 @@ pub const CO_PREFIX: &str = "csi.storage.k8s.io/";
 /// Every parameter key the driver accepts, with what it means. deploy/ examples and docs
 /// are checked against this list.
 pub const KNOWN_PARAMETERS: &[(&str, &str)] = &[
-    ("type", "storage family: `loop` (the default)"),
+    ("type", "storage family: `loop` (the default), `lvm` (linear logical volumes) or `lvm-thin` (thin volumes)"),
     ("fsType", "filesystem for mount volumes: `ext4` (the default) or `xfs`"),
+    ("volumeGroup", "`lvm` and `lvm-thin`: the LVM volume group to allocate from (required)"),
+    ("thinPool", "`lvm-thin`: the thin pool in `volumeGroup` (required)"),
+    (
+        "thinPoolOverprovisionRatio",
+        "`lvm-thin`: how many times its size the pool may promise in virtual sizes, e.g. `2` or `2.5` (default 2)",
+    ),
 ];
+
+/// The thin-pool overprovisioning ratio when the StorageClass names none, in thousandths:
+/// a pool may promise twice its size. Conservative on purpose: running a thin pool out of
+/// space fails writes on every volume in it, the top complaint against thin provisioning.
+pub const DEFAULT_OVERPROVISION_MILLI: u32 = 2000;
+
+/// Where an LVM volume is allocated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LvmParams {
+    /// The volume group (checked to LVM's name syntax; the node checks it is one it serves).
+    pub volume_group: String,
+    /// The thin pool for `lvm-thin`; `None` for linear volumes.
+    pub thin_pool: Option<String>,
+    /// Overprovisioning ratio of the thin pool, in thousandths (2000 = 2×).
+    pub overprovision_milli: u32,
+}
 
 /// Parsed StorageClass parameters of a new volume.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VolumeParams {
     pub family: Family,
     pub fs_type: FsType,
+    /// Where an `lvm` / `lvm-thin` volume goes; `None` for other families.
+    pub lvm: Option<LvmParams>,
     /// The accepted parameters, as recorded with the volume (orchestrator keys included).
     pub recorded: BTreeMap<String, String>,
 }
@@ -31,18 +55,22 @@ impl VolumeParams {
     /// Parses CreateVolume's parameters; an unknown key is an error that names it.
     pub fn parse(params: &HashMap<String, String>) -> Result<Self> {
         let mut family = Family::Loop;
+        let mut thin = false;
         let mut fs_type = FsType::Ext4;
+        let (mut vg, mut pool, mut ratio) = (None, None, None);
         let mut recorded = BTreeMap::new();
         for (k, v) in params {
             match k.as_str() {
                 "type" => {
-                    family = match v.as_str() {
-                        "loop" => Family::Loop,
+                    (family, thin) = match v.as_str() {
+                        "loop" => (Family::Loop, false),
+                        "lvm" => (Family::Lvm, false),
+                        "lvm-thin" => (Family::Lvm, true),
                         other => {
                             return Err(Error::invalid(
                                 "parameters",
                                 format!(
-                                    "type {:?} is not a storage family this driver serves (known: loop)",
+                                    "type {:?} is not a storage family this driver serves (known: loop, lvm, lvm-thin)",
                                     printable(other)
                                 ),
                             ))
@@ -50,6 +78,9 @@ impl VolumeParams {
                     }
                 }
                 "fsType" => fs_type = FsType::parse(v, "parameter fsType")?,
+                "volumeGroup" => vg = Some(lvm_name("volumeGroup", v)?),
+                "thinPool" => pool = Some(lvm_name("thinPool", v)?),
+                "thinPoolOverprovisionRatio" => ratio = Some(parse_ratio(v)?),
                 _ if k.starts_with(CO_PREFIX) => {}
                 _ => {
                     return Err(Error::UnknownParameter {
@@ -60,7 +91,36 @@ impl VolumeParams {
             }
             recorded.insert(k.clone(), v.clone());
         }
-        Ok(VolumeParams { family, fs_type, recorded })
+        let lvm = match (family, thin) {
+            (Family::Lvm, _) => {
+                let volume_group = vg
+                    .ok_or_else(|| Error::invalid("parameters", "volumeGroup is required for type lvm and lvm-thin"))?;
+                if thin && pool.is_none() {
+                    return Err(Error::invalid("parameters", "thinPool is required for type lvm-thin"));
+                }
+                if !thin && (pool.is_some() || ratio.is_some()) {
+                    return Err(Error::invalid(
+                        "parameters",
+                        "thinPool and thinPoolOverprovisionRatio apply only to type lvm-thin",
+                    ));
+                }
+                Some(LvmParams {
+                    volume_group,
+                    thin_pool: pool,
+                    overprovision_milli: ratio.unwrap_or(DEFAULT_OVERPROVISION_MILLI),
+                })
+            }
+            (Family::Loop, _) => {
+                if vg.is_some() || pool.is_some() || ratio.is_some() {
+                    return Err(Error::invalid(
+                        "parameters",
+                        "volumeGroup, thinPool and thinPoolOverprovisionRatio apply only to types lvm and lvm-thin",
+                    ));
+                }
+                None
+            }
+        };
+        Ok(VolumeParams { family, fs_type, lvm, recorded })
     }
 
     /// The parameters that decide what the volume is; orchestrator keys are left out, so
@@ -68,6 +128,47 @@ impl VolumeParams {
     pub fn identity(&self) -> BTreeMap<String, String> {
         self.recorded.iter().filter(|(k, _)| !k.starts_with(CO_PREFIX)).map(|(k, v)| (k.clone(), v.clone())).collect()
     }
+}
+
+/// Checks a volume group or thin pool name against LVM's syntax (letters, digits, `+_.-`,
+/// not starting with `-`, at most 127 bytes); whether it exists is the node's question.
+fn lvm_name(key: &'static str, v: &str) -> Result<String> {
+    let ok = !v.is_empty()
+        && v.len() <= 127
+        && !v.starts_with('-')
+        && v != "."
+        && v != ".."
+        && v.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'_' | b'.' | b'-'));
+    if ok {
+        Ok(v.to_owned())
+    } else {
+        Err(Error::invalid(
+            "parameters",
+            format!("{key} {:?} is not a valid LVM name (letters, digits, + _ . -; not starting with -)", printable(v)),
+        ))
+    }
+}
+
+/// Parses `thinPoolOverprovisionRatio` (a decimal from 1 to 100, at most 3 decimals) into
+/// thousandths.
+fn parse_ratio(v: &str) -> Result<u32> {
+    let bad = || {
+        Error::invalid(
+            "parameters",
+            format!("thinPoolOverprovisionRatio {:?} is not a ratio from 1 to 100 such as 2 or 2.5", printable(v)),
+        )
+    };
+    let (int, frac) = v.split_once('.').unwrap_or((v, ""));
+    if int.is_empty() || frac.len() > 3 || !int.bytes().chain(frac.bytes()).all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    let whole: u32 = int.parse().map_err(|_| bad())?;
+    let milli = format!("{frac:0<3}").parse::<u32>().map_err(|_| bad())?;
+    let total = whole.checked_mul(1000).and_then(|w| w.checked_add(milli)).ok_or_else(bad)?;
+    if !(1000..=100_000).contains(&total) {
+        return Err(bad());
+    }
+    Ok(total)
 }
 
 /// Parses a Kubernetes-style quantity (`64Mi`, `1Gi`, `500M`, `1073741824`) into bytes.
@@ -127,6 +228,64 @@ mod tests {
         assert!(e.to_string().contains("ntfs"), "{e}");
         let e = VolumeParams::parse(&map(&[("type", "nfs")])).expect_err("type");
         assert!(e.to_string().contains("nfs"), "{e}");
+    }
+
+    #[test]
+    fn lvm_parameters() {
+        let p = VolumeParams::parse(&map(&[("type", "lvm"), ("volumeGroup", "vg0")])).expect("lvm");
+        assert_eq!(p.family, Family::Lvm);
+        assert_eq!(p.lvm.as_ref().map(|l| (l.volume_group.as_str(), l.thin_pool.is_none())), Some(("vg0", true)));
+        let p = VolumeParams::parse(&map(&[
+            ("type", "lvm-thin"),
+            ("volumeGroup", "vg0"),
+            ("thinPool", "pool0"),
+            ("thinPoolOverprovisionRatio", "2.5"),
+        ]))
+        .expect("thin");
+        let l = p.lvm.expect("lvm params");
+        assert_eq!((l.thin_pool.as_deref(), l.overprovision_milli), (Some("pool0"), 2500));
+        let d = VolumeParams::parse(&map(&[("type", "lvm-thin"), ("volumeGroup", "v"), ("thinPool", "p")]))
+            .expect("default ratio");
+        assert_eq!(d.lvm.map(|l| l.overprovision_milli), Some(DEFAULT_OVERPROVISION_MILLI));
+        for (bad, needle) in [
+            (vec![("type", "lvm")], "volumeGroup is required"),
+            (vec![("type", "lvm-thin"), ("volumeGroup", "vg")], "thinPool is required"),
+            (vec![("type", "lvm"), ("volumeGroup", "vg"), ("thinPool", "p")], "only to type lvm-thin"),
+            (vec![("volumeGroup", "vg")], "only to types lvm"),
+            (vec![("type", "lvm"), ("volumeGroup", "../etc")], "not a valid LVM name"),
+            (vec![("type", "lvm"), ("volumeGroup", "-x")], "not a valid LVM name"),
+            (
+                vec![
+                    ("type", "lvm-thin"),
+                    ("volumeGroup", "v"),
+                    ("thinPool", "p"),
+                    ("thinPoolOverprovisionRatio", "0.5"),
+                ],
+                "ratio",
+            ),
+            (
+                vec![
+                    ("type", "lvm-thin"),
+                    ("volumeGroup", "v"),
+                    ("thinPool", "p"),
+                    ("thinPoolOverprovisionRatio", "2.0001"),
+                ],
+                "ratio",
+            ),
+            (
+                vec![
+                    ("type", "lvm-thin"),
+                    ("volumeGroup", "v"),
+                    ("thinPool", "p"),
+                    ("thinPoolOverprovisionRatio", "x"),
+                ],
+                "ratio",
+            ),
+        ] {
+            let e = VolumeParams::parse(&map(&bad)).expect_err(needle);
+            assert_eq!(e.code(), Code::InvalidArgument);
+            assert!(e.to_string().contains(needle), "{bad:?}: {e}");
+        }
     }
 
     #[test]

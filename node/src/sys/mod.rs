@@ -7,6 +7,7 @@
 use std::fmt;
 use std::io;
 
+pub mod blockdev;
 pub mod copy;
 pub mod freeze;
 pub mod loopdev;
