@@ -81,6 +81,18 @@ impl Driver {
     /// Starts `bin run` in a fresh sandbox under `parent`, pinned to `cpus` (a `taskset -c`
     /// list) if given. Does not wait for it to be ready.
     pub fn spawn(bin: &Path, parent: &Path, label: &str, cpus: Option<&str>) -> Result<Driver> {
+        Driver::spawn_with(bin, parent, label, cpus, &[], "warn")
+    }
+
+    /// [`Driver::spawn`] with extra `run` arguments and a log level (tracing filter).
+    pub fn spawn_with(
+        bin: &Path,
+        parent: &Path,
+        label: &str,
+        cpus: Option<&str>,
+        extra: &[String],
+        log_level: &str,
+    ) -> Result<Driver> {
         let sandbox = Sandbox::new(parent, label)?;
         let root = sandbox.path();
         let socket = root.join("csi.sock");
@@ -100,7 +112,8 @@ impl Driver {
             .arg(format!("--node-id={NODE_ID}"))
             .arg(format!("--data-dir={}", root.join("data").display()))
             .arg(format!("--kubelet-dir={}", kubelet.display()))
-            .arg("--log-level=warn")
+            .arg(format!("--log-level={log_level}"))
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log2)
@@ -253,6 +266,11 @@ impl Csi {
 
     /// CreateVolume; answers the volume ID.
     pub async fn create(&self, name: &str, bytes: u64) -> Result<String> {
+        self.create_with(name, bytes, HashMap::from([("fsType".to_string(), "ext4".to_string())])).await
+    }
+
+    /// CreateVolume with these StorageClass parameters; answers the volume ID.
+    pub async fn create_with(&self, name: &str, bytes: u64, parameters: HashMap<String, String>) -> Result<String> {
         let req = csi::CreateVolumeRequest {
             name: name.into(),
             capacity_range: Some(csi::CapacityRange {
@@ -260,7 +278,7 @@ impl Csi {
                 limit_bytes: 0,
             }),
             volume_capabilities: vec![ext4_mount()],
-            parameters: HashMap::from([("fsType".to_string(), "ext4".to_string())]),
+            parameters,
             ..Default::default()
         };
         let r = ControllerClient::new(self.channel.clone()).create_volume(req).await.map_err(status("CreateVolume"))?;

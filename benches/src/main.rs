@@ -9,6 +9,7 @@ mod concurrency;
 mod datapath;
 mod driver;
 mod lifecycle;
+mod lvm;
 mod raw;
 mod report;
 mod sandbox;
@@ -46,6 +47,8 @@ enum Bench {
     Concurrency,
     Datapath,
     Startup,
+    /// The LVM family (needs device-mapper and --lvm-device: run it in the test VM).
+    Lvm,
 }
 
 #[derive(Debug, Parser)]
@@ -77,6 +80,12 @@ struct Cli {
     /// fio file size.
     #[arg(long, default_value = "512M")]
     fio_size: String,
+    /// Scratch block device for the lvm benchmark: its content is destroyed.
+    #[arg(long)]
+    lvm_device: Option<String>,
+    /// Volumes created at once in the lvm benchmark.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=200))]
+    lvm_concurrency: u32,
 }
 
 /// What every benchmark needs to know.
@@ -88,6 +97,8 @@ pub struct Config {
     pub cpu_sets: Vec<String>,
     pub fio_runtime: u32,
     pub fio_size: String,
+    pub lvm_device: Option<String>,
+    pub lvm_concurrency: usize,
 }
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -165,6 +176,8 @@ async fn run(cli: Cli, bin: PathBuf) -> ExitCode {
         cpu_sets: cli.cpu_sets.clone(),
         fio_runtime: cli.fio_runtime,
         fio_size: cli.fio_size.clone(),
+        lvm_device: cli.lvm_device.clone(),
+        lvm_concurrency: cli.lvm_concurrency as usize,
     };
     let mut machine = Machine::before(&bin);
     eprintln!(
@@ -185,6 +198,9 @@ async fn run(cli: Cli, bin: PathBuf) -> ExitCode {
     }
     if wanted(Bench::Startup) {
         report.startup = keep(startup::run(&cfg, reps(10)).await, "startup");
+    }
+    if wanted(Bench::Lvm) {
+        report.lvm = keep(lvm::run(&cfg, reps(10)).await, "lvm");
     }
     machine.after(started);
     report.machine = machine;

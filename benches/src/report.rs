@@ -18,6 +18,7 @@ pub struct Report {
     pub concurrency: Option<concurrency::Report>,
     pub datapath: Option<datapath::Report>,
     pub startup: Option<startup::Report>,
+    pub lvm: Option<crate::lvm::Report>,
     /// Benchmarks that failed, and anything a sweep had to take down after a benchmark.
     pub problems: Vec<String>,
 }
@@ -158,6 +159,10 @@ fn write_all(r: &Report, out: &mut String) -> std::fmt::Result {
     if let Some(s) = &r.startup {
         out.push('\n');
         startup::print(s, out)?;
+    }
+    if let Some(l) = &r.lvm {
+        out.push('\n');
+        crate::lvm::print(l, out)?;
     }
     if !r.problems.is_empty() {
         writeln!(out, "\nPROBLEMS")?;
