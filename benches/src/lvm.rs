@@ -45,6 +45,8 @@ pub struct Report {
     pub concurrent_driver_ms: Summary,
     pub concurrent_raw_ms: Summary,
     pub concurrent_ratio: f64,
+    /// lvm commands per CreateVolume in a concurrent burst (the `--deltag`s are shared).
+    pub lvm_commands_concurrent: Summary,
 }
 
 fn lvm(args: &[&str]) -> Result<String> {
@@ -170,8 +172,10 @@ pub async fn run(cfg: &Config, reps: usize) -> Result<Report> {
     let n = cfg.lvm_concurrency;
     let mut conc_driver = Vec::new();
     let mut conc_raw = Vec::new();
+    let mut conc_commands = Vec::new();
     for rep in 0..reps.min(3) {
         progress(&format!("lvm: {n} concurrent creates, round {rep}"))?;
+        let before = lvm_lines(&log);
         let start = Instant::now();
         let tasks: Vec<_> = (0..n)
             .map(|i| {
@@ -186,6 +190,7 @@ pub async fn run(cfg: &Config, reps: usize) -> Result<Report> {
             ids.push(t.await.map_err(|e| format!("create task: {e}"))??);
         }
         conc_driver.push(ms(start.elapsed()));
+        conc_commands.push((lvm_lines(&log) - before) as f64 / n as f64);
         for id in &ids {
             csi.delete(id).await?;
         }
@@ -228,6 +233,7 @@ pub async fn run(cfg: &Config, reps: usize) -> Result<Report> {
         concurrent: n,
         concurrent_driver_ms: cd,
         concurrent_raw_ms: cr,
+        lvm_commands_concurrent: Summary::of(&conc_commands),
     })
 }
 
@@ -262,12 +268,13 @@ pub fn print(r: &Report, out: &mut String) -> std::fmt::Result {
     )?;
     writeln!(
         out,
-        "  {} concurrent CreateVolume {} ms vs {} concurrent lvcreate {} ms: ratio {:.2}",
+        "  {} concurrent CreateVolume {} ms vs {} concurrent lvcreate {} ms: ratio {:.2}; {} lvm commands per create",
         r.concurrent,
         r.concurrent_driver_ms.show(0),
         r.concurrent,
         r.concurrent_raw_ms.show(0),
-        r.concurrent_ratio
+        r.concurrent_ratio,
+        r.lvm_commands_concurrent.show(2)
     )?;
     Ok(())
 }

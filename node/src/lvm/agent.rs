@@ -274,17 +274,10 @@ impl Inner {
         }
     }
 
-    /// Takes the `fv.creating` tag off a finished LV.
-    fn finish(&self, vg: &VgName, lv: &LvName, object: &str) -> Result<()> {
-        let done = [tags::creating_tag()];
-        self.groups
-            .change(
-                vg,
-                |_| Ok(()),
-                |cli| cli.delete_tags(vg, lv, &done),
-                |r, _| apply::retagged(r, vg.as_str(), lv.as_str(), &[], &[tags::CREATING.to_owned()]),
-            )?
-            .map_err(|e| lvm_err("finish logical volume", object, e))
+    /// Takes the `fv.creating` tag off a finished LV (a group commit with the VG's other
+    /// finishing creates; see `groups`).
+    fn finish(&self, vg: &VgName, lv: &LvName) -> Result<()> {
+        self.groups.finish_creating(vg, lv)
     }
 
     /// Removes an LV of ours (after a failed create, or debris of a crash).
@@ -402,7 +395,7 @@ impl Inner {
                     )
                     .and_then(|out| out.map_err(|e| lvm_err("activate logical volume", object, e)))
             });
-            let done = activated.and_then(|_| if needs_finish { self.finish(vg, name, object) } else { Ok(()) });
+            let done = activated.and_then(|_| if needs_finish { self.finish(vg, name) } else { Ok(()) });
             if let Err(e) = done {
                 let _ = self.remove_lv(vg, name, object);
                 return Err(e);
@@ -430,7 +423,7 @@ impl Inner {
         let dst = Self::new_lv_report(vg, name, size, &[], pool, true);
         let done = self.fill(&dst, origin, pool.is_some(), object).and_then(|_| {
             if needs_finish {
-                self.finish(vg, name, object)
+                self.finish(vg, name)
             } else {
                 Ok(())
             }

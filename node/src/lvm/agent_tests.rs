@@ -31,6 +31,9 @@ struct ScriptedLvm {
     report: Mutex<String>,
     missing: Vec<String>,
     calls: Mutex<Vec<Vec<String>>>,
+    /// How long an `lvchange` takes, and whether it fails.
+    lvchange_ms: u64,
+    lvchange_fails: bool,
 }
 
 impl Runner for ScriptedLvm {
@@ -47,6 +50,17 @@ impl Runner for ScriptedLvm {
                 });
             }
             return Ok(Output { stdout: self.report.lock().unwrap().clone() });
+        }
+        if args.first() == Some(&"lvchange") {
+            std::thread::sleep(std::time::Duration::from_millis(self.lvchange_ms));
+            if self.lvchange_fails {
+                return Err(CommandError::Exit {
+                    program: "lvm".into(),
+                    status: "exit status: 5".into(),
+                    code: Some(5),
+                    stderr: "Failed to update metadata".into(),
+                });
+            }
         }
         Ok(Output::default())
     }
@@ -164,4 +178,61 @@ async fn unknown_and_foreign_ids_touch_nothing() {
     let other = VolumeId::new(Family::Lvm, NodeId::parse("node-2").unwrap(), LocalName::from_co_name("pvc-1"));
     agent.delete_volume(&other).await.unwrap();
     assert!(script.subcommands().iter().all(|c| c == "fullreport"), "{:?}", script.subcommands());
+}
+
+fn groups(script: Arc<ScriptedLvm>) -> Arc<VolumeGroups> {
+    Arc::new(VolumeGroups::new(
+        LvmCli::new(script),
+        Owner { driver: "csi.ferrovol.dev".into(), node: "node-1".into() },
+        vec![VgName::parse("ferrovol").unwrap()],
+        90.0,
+    ))
+}
+
+fn finish_all(groups: &Arc<VolumeGroups>, n: usize) -> Vec<Result<(), String>> {
+    let vg = VgName::parse("ferrovol").unwrap();
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..n)
+            .map(|i| {
+                let (groups, vg) = (Arc::clone(groups), vg.clone());
+                s.spawn(move || {
+                    let lv = crate::lvm::names::LvName::parse(&format!("fv-pvc-{i}")).unwrap();
+                    groups.finish_creating(&vg, &lv).map_err(|e| e.to_string())
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+#[test]
+fn finishing_creates_share_one_lvchange() {
+    let script = Arc::new(ScriptedLvm { report: Mutex::new(REPORT.into()), lvchange_ms: 100, ..Default::default() });
+    let groups = groups(Arc::clone(&script));
+    let outcomes = finish_all(&groups, 8);
+    assert!(outcomes.iter().all(Result::is_ok), "{outcomes:?}");
+    let lvchanges: Vec<Vec<String>> =
+        script.calls.lock().unwrap().iter().filter(|c| c[0] == "lvchange").cloned().collect();
+    assert!(lvchanges.len() < 8, "8 finishing creates took {} lvchange runs", lvchanges.len());
+    for i in 0..8 {
+        let lv = format!("ferrovol/fv-pvc-{i}");
+        let n = lvchanges.iter().filter(|c| c.contains(&lv)).count();
+        assert_eq!(n, 1, "{lv} was in {n} lvchange runs: {lvchanges:?}");
+    }
+    assert!(lvchanges.iter().all(|c| c.iter().any(|a| a == "fv.creating")), "{lvchanges:?}");
+}
+
+#[test]
+fn a_failed_batch_fails_every_create_in_it() {
+    let script = Arc::new(ScriptedLvm {
+        report: Mutex::new(REPORT.into()),
+        lvchange_ms: 50,
+        lvchange_fails: true,
+        ..Default::default()
+    });
+    let outcomes = finish_all(&groups(script), 4);
+    assert!(
+        outcomes.iter().all(|o| o.as_ref().is_err_and(|e| e.contains("Failed to update metadata"))),
+        "{outcomes:?}"
+    );
 }

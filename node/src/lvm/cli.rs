@@ -204,6 +204,7 @@ enum LvmCommand<'a> {
     Deactivate { vg: &'a VgName, lv: &'a LvName },
     AddTags { vg: &'a VgName, lv: &'a LvName, tags: &'a [Tag] },
     DeleteTags { vg: &'a VgName, lv: &'a LvName, tags: &'a [Tag] },
+    DeleteTagsFromMany { vg: &'a VgName, lvs: &'a [LvName], tags: &'a [Tag] },
     PvCreate { device: &'a Path },
     PvRemove { device: &'a Path },
     VgCreate { vg: &'a VgName, devices: &'a [&'a Path] },
@@ -245,7 +246,8 @@ impl LvmCommand<'_> {
             LvmCommand::Activate { .. }
             | LvmCommand::Deactivate { .. }
             | LvmCommand::AddTags { .. }
-            | LvmCommand::DeleteTags { .. } => "lvchange",
+            | LvmCommand::DeleteTags { .. }
+            | LvmCommand::DeleteTagsFromMany { .. } => "lvchange",
             LvmCommand::PvCreate { .. } => "pvcreate",
             LvmCommand::PvRemove { .. } => "pvremove",
             LvmCommand::VgCreate { .. } => "vgcreate",
@@ -275,6 +277,10 @@ impl LvmCommand<'_> {
             LvmCommand::Deactivate { vg, lv } => format!("{sub} -an {}", lv_path(vg, lv)),
             LvmCommand::AddTags { vg, lv, .. } => format!("{sub} --addtag {}", lv_path(vg, lv)),
             LvmCommand::DeleteTags { vg, lv, .. } => format!("{sub} --deltag {}", lv_path(vg, lv)),
+            LvmCommand::DeleteTagsFromMany { vg, lvs, .. } => {
+                let names: Vec<String> = lvs.iter().map(|lv| lv_path(vg, lv)).collect();
+                format!("{sub} --deltag {}", names.join(" "))
+            }
             LvmCommand::PvCreate { device: path } | LvmCommand::PvRemove { device: path } => {
                 format!("{sub} {}", device(path))
             }
@@ -369,6 +375,11 @@ impl LvmCommand<'_> {
                 argv.push("--yes".to_owned());
                 push_tags(&mut argv, "--deltag", tags);
                 argv.push(lv_path(vg, lv));
+            }
+            LvmCommand::DeleteTagsFromMany { vg, lvs, tags } => {
+                argv.push("--yes".to_owned());
+                push_tags(&mut argv, "--deltag", tags);
+                argv.extend(lvs.iter().map(|lv| lv_path(vg, lv)));
             }
             LvmCommand::PvCreate { device: path } | LvmCommand::PvRemove { device: path } => {
                 argv.push("--yes".to_owned());
@@ -516,6 +527,16 @@ impl LvmCli {
             return Ok(());
         }
         self.run(LvmCommand::DeleteTags { vg, lv, tags }).map(drop)
+    }
+
+    /// Deletes `tags` from every LV of `lvs` in one command (lvchange takes many LVs); tags
+    /// an LV does not have are fine. A missing LV fails the command (the others are still
+    /// changed). Nothing to do runs nothing.
+    pub fn delete_tags_from_many(&self, vg: &VgName, lvs: &[LvName], tags: &[Tag]) -> Result<(), LvmError> {
+        if tags.is_empty() || lvs.is_empty() {
+            return Ok(());
+        }
+        self.run(LvmCommand::DeleteTagsFromMany { vg, lvs, tags }).map(drop)
     }
 
     /// Makes `device` a physical volume. `--yes` wipes any signature lvm finds on it

@@ -10,10 +10,15 @@
 //! so parallel creates cannot both take the last extents; changes to different VGs run in
 //! parallel. A report refresh takes every VG's mutex, so it never sees half of a change that
 //! is about to be applied to the cache a second time.
+//!
+//! The last step of a linear create, taking `fv.creating` off the finished LV, is a group
+//! commit: every create of a VG that finishes while one such `lvchange` runs (or waits for
+//! the VG) is done by the next one, for all of them at once. Under concurrent creates the
+//! second command per create so shrinks to a few per burst.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use ferrovol_core::error::{Error, Result};
@@ -47,6 +52,17 @@ pub fn device_path(vg: &str, lv: &str) -> PathBuf {
     PathBuf::from("/dev/mapper").join(format!("{}-{}", vg.replace('-', "--"), lv.replace('-', "--")))
 }
 
+/// The group commit of `fv.creating` removals in one VG.
+#[derive(Debug, Default)]
+struct Finishing {
+    /// LVs whose creates wait for the next `lvchange`.
+    pending: Vec<LvName>,
+    /// Whether a caller is running (or about to run) the `lvchange` for a batch.
+    running: bool,
+    /// Outcomes of finished batches, by LV name, until each waiter takes its own.
+    done: HashMap<String, std::result::Result<(), String>>,
+}
+
 #[derive(Debug)]
 struct Cached {
     at: Instant,
@@ -63,6 +79,8 @@ pub struct VolumeGroups {
     /// One mutex per served VG (sorted by name: refresh takes them in this order).
     locks: BTreeMap<String, Mutex<()>>,
     cache: Mutex<Option<Cached>>,
+    /// Per served VG: the LVs waiting for their `fv.creating` to be taken off.
+    finishing: BTreeMap<String, (Mutex<Finishing>, Condvar)>,
     /// Data or metadata use (percent) of a thin pool at which new thin volumes are refused
     /// and volumes in it are reported abnormal.
     pub thin_full_percent: f64,
@@ -87,7 +105,11 @@ impl VolumeGroups {
     /// Serves `served` VGs with lvm through `cli`, tagging LVs with `owner`.
     pub fn new(cli: LvmCli, owner: Owner, served: Vec<VgName>, thin_full_percent: f64) -> Self {
         let locks = served.iter().map(|v| (v.as_str().to_owned(), Mutex::new(()))).collect();
-        VolumeGroups { cli, owner, served, locks, cache: Mutex::new(None), thin_full_percent }
+        let finishing = served
+            .iter()
+            .map(|v| (v.as_str().to_owned(), (Mutex::new(Finishing::default()), Condvar::new())))
+            .collect();
+        VolumeGroups { cli, owner, served, locks, cache: Mutex::new(None), finishing, thin_full_percent }
     }
 
     /// Whose LVs are ours.
@@ -211,6 +233,52 @@ impl VolumeGroups {
                 "thin pool {vg}/{pool} is {data:.1}% full of data and {meta:.1}% of metadata (limit {limit:.0}%); extend the pool"
             )
         })
+    }
+
+    /// Takes `fv.creating` off `lv` (its content is complete), in one `lvchange` with every
+    /// other LV of `vg` finishing meanwhile. Returns once `lv`'s tag is gone, or with the
+    /// batch's error.
+    pub fn finish_creating(&self, vg: &VgName, lv: &LvName) -> Result<()> {
+        let object = || format!("logical volume {vg}/{lv}");
+        let Some((batch, turn)) = self.finishing.get(vg.as_str()) else {
+            return Err(Error::system("finish logical volume", object(), "its volume group is not served"));
+        };
+        let mut b = lock(batch);
+        b.pending.push(lv.clone());
+        loop {
+            if let Some(outcome) = b.done.remove(lv.as_str()) {
+                return outcome.map_err(|reason| Error::system("finish logical volume", object(), reason));
+            }
+            if b.running {
+                b = turn.wait(b).unwrap_or_else(|p| p.into_inner());
+                continue;
+            }
+            // This caller runs the next batch: everything pending now, its own LV included.
+            b.running = true;
+            let lvs = std::mem::take(&mut b.pending);
+            drop(b);
+            let done = [tags::creating_tag()];
+            let removed = [tags::CREATING.to_owned()];
+            let outcome = self
+                .change(
+                    vg,
+                    |_| Ok(()),
+                    |cli| cli.delete_tags_from_many(vg, &lvs, &done),
+                    |r, _| {
+                        for l in &lvs {
+                            apply::retagged(r, vg.as_str(), l.as_str(), &[], &removed);
+                        }
+                    },
+                )
+                .and_then(|out| out.map_err(|e| lvm_err("finish logical volumes", vg, e)))
+                .map_err(|e| e.to_string());
+            b = lock(batch);
+            b.running = false;
+            for l in lvs {
+                b.done.insert(l.as_str().to_owned(), outcome.clone());
+            }
+            turn.notify_all();
+        }
     }
 
     /// Runs one changing command on `vg` under its mutex, after `check` approved it against
