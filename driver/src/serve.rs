@@ -172,7 +172,7 @@ fn lvm_groups(cfg: &RunConfig) -> Result<Option<Arc<VolumeGroups>>, StartError> 
     }
     if !tags::is_tag_safe(&cfg.driver_name) || !tags::is_tag_safe(cfg.node_id.as_str()) {
         return Err(StartError::Lvm(format!(
-            "the driver name {:?} and node ID {} must be usable in LVM tags ([A-Za-z0-9_+.-])",
+            "the driver name {:?} and node ID {} must be usable in LVM tags ([A-Za-z0-9_+.-/=!:#&])",
             cfg.driver_name, cfg.node_id
         )));
     }

@@ -349,8 +349,20 @@ impl Inner {
             .as_ref()
             .ok_or_else(|| not_found(format!("the lvm family is not enabled on node {}", self.node)))?;
         let report = groups.report()?;
-        let found =
-            groups.find(&report, &crate::lvm::volume_lv(id.local())?).ok_or_else(|| not_found(String::new()))?;
+        // A name LVM reserves (`a_tmeta`) is no LV of ours: not found, like any other.
+        let found = crate::lvm::volume_lv(id.local()).ok().and_then(|lv| groups.find(&report, &lv));
+        let Some(found) = found else {
+            let missing = groups.missing(&report);
+            if !missing.is_empty() {
+                return Err(Error::Unavailable {
+                    reason: format!(
+                        "volume {id} is not in the LVM report, but served volume group(s) {} are missing; cannot tell whether it exists",
+                        missing.join(", ")
+                    ),
+                });
+            }
+            return Err(not_found(String::new()));
+        };
         let record = match &found.owned.content {
             Content::Volume(rec) if !found.owned.creating => {
                 let mut rec = rec.clone();

@@ -158,12 +158,36 @@ impl Inner {
         self.groups.report()
     }
 
+    /// Our volume LV of this local name. A local name from a request may hold a word LVM
+    /// reserves (`a_tmeta`); no LV of ours can have such a name, so it is simply not found.
+    /// When a served VG is missing from the report, "not found" cannot be told from "on the
+    /// missing disk": UNAVAILABLE, so a DeleteVolume does not answer OK for a volume that
+    /// is only out of sight.
     fn find_volume(&self, report: &Report, local: &LocalName) -> Result<Option<Found>> {
-        Ok(self.groups.find(report, &volume_lv(local)?))
+        let found = volume_lv(local).ok().and_then(|lv| self.groups.find(report, &lv));
+        self.unless_vg_missing(report, found, &format!("volume {}", self.volume_id(local)))
     }
 
     fn find_snapshot(&self, report: &Report, local: &LocalName) -> Result<Option<Found>> {
-        Ok(self.groups.find(report, &snapshot_lv(local)?))
+        let found = snapshot_lv(local).ok().and_then(|lv| self.groups.find(report, &lv));
+        let sid = SnapshotId::new(Family::Lvm, self.node.clone(), local.clone());
+        self.unless_vg_missing(report, found, &format!("snapshot {sid}"))
+    }
+
+    fn unless_vg_missing(&self, report: &Report, found: Option<Found>, object: &str) -> Result<Option<Found>> {
+        if found.is_some() {
+            return Ok(found);
+        }
+        let missing = self.groups.missing(report);
+        if missing.is_empty() {
+            return Ok(None);
+        }
+        Err(Error::Unavailable {
+            reason: format!(
+                "{object} is not in the LVM report, but served volume group(s) {} are missing (a disk not attached yet?); cannot tell whether it exists",
+                missing.join(", ")
+            ),
+        })
     }
 
     fn require_volume(&self, report: &Report, id: &VolumeId) -> Result<(Found, VolumeRecord)> {
@@ -282,9 +306,18 @@ impl Inner {
 
     /// Removes an LV of ours (after a failed create, or debris of a crash).
     fn remove_lv(&self, vg: &VgName, lv: &LvName, object: &str) -> Result<()> {
-        self.groups
-            .change(vg, |_| Ok(()), |cli| cli.remove(vg, lv), |r, _| apply::removed(r, vg.as_str(), lv.as_str()))?
-            .map_err(|e| lvm_err("remove logical volume", object, e))
+        let out = self.groups.change(
+            vg,
+            |_| Ok(()),
+            |cli| cli.remove(vg, lv),
+            |r, _| apply::removed(r, vg.as_str(), lv.as_str()),
+        )?;
+        match out {
+            Ok(()) => Ok(()),
+            // Gone already (removed since the cached report was read): what was asked.
+            Err(e) if e.refusal() == Some(super::cli::Refusal::LvNotFound) => Ok(()),
+            Err(e) => Err(lvm_err("remove logical volume", object, e)),
+        }
     }
 
     /// Fills a new LV from `origin` (or zeroes its head), freezing a live source filesystem
@@ -380,8 +413,8 @@ impl Inner {
             } else {
                 Ok(())
             };
-            // A volume is active from its creation to its deletion, like every other; a
-            // snapshot stays inactive and costs no device until something reads it.
+            // A volume is active from its creation to its deletion, like every other; a thin
+            // snapshot stays inactive, costing no device, until a restore reads it.
             let activated = grown.and_then(|_| {
                 if !active {
                     return Ok(());
@@ -397,7 +430,9 @@ impl Inner {
             });
             let done = activated.and_then(|_| if needs_finish { self.finish(vg, name) } else { Ok(()) });
             if let Err(e) = done {
-                let _ = self.remove_lv(vg, name, object);
+                if let Err(undo) = self.remove_lv(vg, name, object) {
+                    tracing::error!(object, lv = %format!("{vg}/{name}"), error = %undo, "could not remove the half-made logical volume; start-up clean-up will");
+                }
                 return Err(e);
             }
             return Ok(());
@@ -441,6 +476,26 @@ impl Inner {
         let id = self.volume_id(&req.local);
         let object = format!("volume {id}");
         let _g = self.lock_volume(&req.local, &id)?;
+        // The source is guarded before it is looked at, so it cannot be deleted between the
+        // check and the copy.
+        let _src_guard = match &req.source {
+            Some(Source::Volume(vid)) => Some(self.lock_volume(vid.local(), vid)?),
+            Some(Source::Snapshot(sid)) => {
+                Some(self.inflight.try_acquire(&snapshot_key(sid.local()), || format!("snapshot {sid}"))?)
+            }
+            None => None,
+        };
+        let foreign = match &req.source {
+            Some(Source::Volume(v)) if v.family() != Family::Lvm => Some(("volume", v.family())),
+            Some(Source::Snapshot(s)) if s.family() != Family::Lvm => Some(("snapshot", s.family())),
+            _ => None,
+        };
+        if let Some((kind, family)) = foreign {
+            return Err(Error::invalid(
+                "volume_content_source",
+                format!("volume {id}: an lvm volume cannot be made from a {kind} of the {} family", family.as_str()),
+            ));
+        }
         let lvm = req
             .params
             .lvm
@@ -511,7 +566,9 @@ impl Inner {
         };
 
         let name = volume_lv(&req.local)?;
-        if let Some(found) = self.find_volume(&report, &req.local)? {
+        // Among the VGs that are there: a missing one cannot hold a compatible volume (the
+        // request names a VG that is present, or check_vg refused it above).
+        if let Some(found) = self.groups.find(&report, &name) {
             match (&found.owned.content, found.owned.creating) {
                 (Content::Volume(_), true) => {
                     // A create that died half-way (we hold the volume's guard, so no call is
@@ -576,10 +633,6 @@ impl Inner {
         // A thin volume made from nothing is complete when lvcreate returns (it reads as
         // zeros): no `fv.creating`, one command.
         let creating = lvm.thin_pool.is_none() || !matches!(origin, Origin::Nothing);
-        let _src_guard = match &req.source {
-            Some(Source::Volume(vid)) => Some(self.lock_volume(vid.local(), vid)?),
-            _ => None,
-        };
         self.make_lv(
             &lvm,
             &vg,
@@ -703,7 +756,14 @@ impl Inner {
                 |cli| cli.extend(&vg, &name, want),
                 |r, _| apply::resized(r, vg.as_str(), name.as_str(), want),
             )?
-            .map_err(|e| lvm_err("extend logical volume", &object, e))?;
+            .or_else(|e| match e.refusal() {
+                // Already that large (grown since the cached report was read): done.
+                Some(super::cli::Refusal::SizeNotLarger) => {
+                    self.groups.invalidate();
+                    Ok(())
+                }
+                _ => Err(lvm_err("extend logical volume", &object, e)),
+            })?;
         tracing::info!(volume = %id, size = want, "volume expanded");
         Ok(want)
     }
@@ -745,7 +805,7 @@ impl Inner {
         // Fresh, for a thin source's pool use (see create_volume).
         let report = self.groups.refresh()?;
         let lv_name = snapshot_lv(local)?;
-        if let Some(found) = self.find_snapshot(&report, local)? {
+        if let Some(found) = self.groups.find(&report, &lv_name) {
             match (&found.owned.content, found.owned.creating) {
                 (Content::Snapshot(_), true) => {
                     tracing::warn!(snapshot = %sid, "removing a half-made snapshot left by an earlier attempt");

@@ -236,3 +236,26 @@ fn a_failed_batch_fails_every_create_in_it() {
         "{outcomes:?}"
     );
 }
+
+#[tokio::test]
+async fn ids_with_words_lvm_reserves_are_simply_not_ours() {
+    let script = Arc::new(ScriptedLvm { report: Mutex::new(REPORT.into()), ..Default::default() });
+    let (agent, _dir) = agent(Arc::clone(&script), &["ferrovol"]);
+    let id = VolumeId::parse("lvm.vol:node-1:a_tmeta").unwrap();
+    agent.delete_volume(&id).await.unwrap();
+    assert_eq!(agent.get_volume(&id).await.unwrap_err().code(), Code::NotFound);
+    agent.unpublish_volume(&id, &NodeId::parse("node-1").unwrap()).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_missing_volume_group_makes_absence_unknowable() {
+    let script =
+        Arc::new(ScriptedLvm { report: Mutex::new(REPORT.into()), missing: vec!["gone".into()], ..Default::default() });
+    let (agent, _dir) = agent(Arc::clone(&script), &["ferrovol", "gone"]);
+    let id = VolumeId::new(Family::Lvm, NodeId::parse("node-1").unwrap(), LocalName::from_co_name("pvc-maybe"));
+    // The volume may be on the VG whose disk is missing: a delete must not answer OK.
+    let e = agent.delete_volume(&id).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e}");
+    assert!(e.to_string().contains("gone"), "{e}");
+    assert!(!script.subcommands().contains(&"lvremove".to_string()));
+}

@@ -52,6 +52,28 @@ pub fn device_path(vg: &str, lv: &str) -> PathBuf {
     PathBuf::from("/dev/mapper").join(format!("{}-{}", vg.replace('-', "--"), lv.replace('-', "--")))
 }
 
+/// Ends a group-commit batch whose runner panicked.
+struct BatchEnd<'a> {
+    batch: &'a Mutex<Finishing>,
+    turn: &'a Condvar,
+    lvs: &'a [LvName],
+    armed: bool,
+}
+
+impl Drop for BatchEnd<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let mut b = lock(self.batch);
+        b.running = false;
+        for l in self.lvs {
+            b.done.insert(l.as_str().to_owned(), Err("the lvchange batch failed unexpectedly".into()));
+        }
+        self.turn.notify_all();
+    }
+}
+
 /// The group commit of `fv.creating` removals in one VG.
 #[derive(Debug, Default)]
 struct Finishing {
@@ -198,6 +220,15 @@ impl VolumeGroups {
         Ok((vg.clone(), rep))
     }
 
+    /// Served VGs the report does not have (their disks missing).
+    pub fn missing(&self, report: &Report) -> Vec<String> {
+        self.served
+            .iter()
+            .filter(|v| !report.vgs.iter().any(|r| r.name == v.as_str()))
+            .map(|v| v.as_str().to_owned())
+            .collect()
+    }
+
     /// Our LV named `name` in any served VG.
     pub fn find(&self, report: &Report, name: &LvName) -> Option<Found> {
         report
@@ -257,6 +288,9 @@ impl VolumeGroups {
             b.running = true;
             let lvs = std::mem::take(&mut b.pending);
             drop(b);
+            // Should anything below panic, the batch still ends: its waiters get an error and
+            // the next finisher runs, instead of every create of the VG waiting forever.
+            let mut unwinding = BatchEnd { batch, turn, lvs: &lvs, armed: true };
             let done = [tags::creating_tag()];
             let removed = [tags::CREATING.to_owned()];
             let outcome = self
@@ -272,9 +306,10 @@ impl VolumeGroups {
                 )
                 .and_then(|out| out.map_err(|e| lvm_err("finish logical volumes", vg, e)))
                 .map_err(|e| e.to_string());
+            unwinding.armed = false;
             b = lock(batch);
             b.running = false;
-            for l in lvs {
+            for l in &lvs {
                 b.done.insert(l.as_str().to_owned(), outcome.clone());
             }
             turn.notify_all();

@@ -38,7 +38,8 @@ const CHUNK: usize = 110;
 pub enum Content {
     Volume(VolumeRecord),
     Snapshot(SnapshotRecord),
-    /// Our driver tag is there but the record cannot be read: reported, never deleted.
+    /// Our driver tag is there but the record cannot be read: reported at start-up, never
+    /// removed by the clean-up of half-made LVs.
     Unreadable(String),
 }
 
