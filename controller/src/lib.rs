@@ -3,6 +3,7 @@
 //! names the node); the agent does the node-local work.
 
 mod page;
+mod placement;
 pub mod service;
 
 pub use service::ControllerService;

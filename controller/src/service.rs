@@ -2,10 +2,10 @@
 //! types, routes it to the node agent that owns the volume, and converts the answer back.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use ferrovol_core::agent::{NewVolume, NodeAgent, Source};
-use ferrovol_core::error::{Error, Result};
+use ferrovol_core::agent::{Directory, LocalDirectory, NewVolume, NodeAgent, Source};
+use ferrovol_core::error::{Code, Error, Result};
 use ferrovol_core::ids::{printable, LocalName, NodeId, SnapshotId, VolumeId};
 use ferrovol_core::params::{VolumeParams, CO_PREFIX};
 use ferrovol_core::volume::{
@@ -27,34 +27,47 @@ pub const PUBLISH_CONTEXT_NODE: &str = "ferrovol.dev/node";
 /// The CSI Controller service.
 #[derive(Debug, Clone)]
 pub struct ControllerService {
-    agent: Arc<dyn NodeAgent>,
+    pub(crate) directory: Arc<dyn Directory>,
+    /// CreateVolume calls whose outcome on a node is unknown (the node stopped answering
+    /// mid-call), by CO name: until that node is back, a repeat is not placed elsewhere.
+    pub(crate) uncertain: Arc<Mutex<HashMap<String, NodeId>>>,
 }
 
 impl ControllerService {
-    /// A controller over one node agent (all-in-one mode).
+    /// A controller over one in-process node agent (all-in-one mode).
     pub fn new(agent: Arc<dyn NodeAgent>) -> Self {
-        ControllerService { agent }
+        Self::with_directory(Arc::new(LocalDirectory::new(agent)))
     }
 
-    /// The agent that owns volumes of `node`, if any node agent serves it.
-    fn agent_for(&self, node: &NodeId) -> Option<&Arc<dyn NodeAgent>> {
-        (self.agent.node_id() == node).then_some(&self.agent)
+    /// A controller over any directory of node agents (the cluster registry).
+    pub fn with_directory(directory: Arc<dyn Directory>) -> Self {
+        ControllerService { directory, uncertain: Arc::default() }
+    }
+
+    /// The agent that owns objects of `node`: `None` when this driver does not serve that
+    /// node at all; UNAVAILABLE when the node is not registered now.
+    fn agent_for(&self, node: &NodeId) -> Result<Option<Arc<dyn NodeAgent>>> {
+        self.directory.agent(node)
     }
 
     /// The agent that owns a volume, or NOT_FOUND naming the node nobody serves.
-    fn volume_agent(&self, id: &VolumeId) -> Result<&Arc<dyn NodeAgent>> {
-        self.agent_for(id.node()).ok_or_else(|| Error::VolumeNotFound {
+    fn volume_agent(&self, id: &VolumeId) -> Result<Arc<dyn NodeAgent>> {
+        self.agent_for(id.node())?.ok_or_else(|| Error::VolumeNotFound {
             volume: id.to_string(),
             reason: format!("node {} is not served here", id.node()),
         })
     }
 
     /// The agent that owns a snapshot, or NOT_FOUND naming the node nobody serves.
-    fn snapshot_agent(&self, id: &SnapshotId) -> Result<&Arc<dyn NodeAgent>> {
-        self.agent_for(id.node()).ok_or_else(|| Error::SnapshotNotFound {
+    fn snapshot_agent(&self, id: &SnapshotId) -> Result<Arc<dyn NodeAgent>> {
+        self.agent_for(id.node())?.ok_or_else(|| Error::SnapshotNotFound {
             snapshot: id.to_string(),
             reason: format!("node {} is not served here", id.node()),
         })
+    }
+
+    pub(crate) fn uncertain(&self) -> std::sync::MutexGuard<'_, HashMap<String, NodeId>> {
+        self.uncertain.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -76,11 +89,6 @@ fn name(field: &'static str, value: &str) -> Result<()> {
 
 fn topology(node: &NodeId) -> csi::Topology {
     csi::Topology { segments: HashMap::from([(TOPOLOGY_NODE_KEY.to_string(), node.to_string())]) }
-}
-
-/// Whether a topology segment admits `node`: every key it names must be ours and match.
-fn segment_admits(seg: &csi::Topology, node: &NodeId) -> bool {
-    seg.segments.iter().all(|(k, v)| k == TOPOLOGY_NODE_KEY && v == node.as_str())
 }
 
 fn source_proto(src: &Option<ContentSource>) -> Option<csi::VolumeContentSource> {
@@ -188,7 +196,6 @@ impl csi::controller_server::Controller for ControllerService {
                     Some(Source::Volume(VolumeId::parse(&v.volume_id)?))
                 }
             };
-            let node = self.agent.node_id();
             if let Some(t) = &r.accessibility_requirements {
                 if t.requisite.is_empty() && t.preferred.is_empty() {
                     return Err(Error::invalid(
@@ -196,24 +203,11 @@ impl csi::controller_server::Controller for ControllerService {
                         "is set but has neither requisite nor preferred",
                     ));
                 }
-                if !t.requisite.is_empty() && !t.requisite.iter().any(|s| segment_admits(s, node)) {
-                    return Err(Error::TopologyUnreachable {
-                        volume: printable(&r.name),
-                        reason: format!("no requisite topology segment names node {node}, the node this driver serves"),
-                    });
-                }
             }
-            let rec = self
-                .agent
-                .create_volume(NewVolume {
-                    name: r.name.clone(),
-                    local: LocalName::from_co_name(&r.name),
-                    capacity,
-                    params,
-                    source,
-                })
-                .await?;
-            Ok(csi::CreateVolumeResponse { volume: Some(volume_proto(&rec, node)) })
+            let new =
+                NewVolume { name: r.name.clone(), local: LocalName::from_co_name(&r.name), capacity, params, source };
+            let (rec, node) = self.place_and_create(new, r.accessibility_requirements.as_ref()).await?;
+            Ok(csi::CreateVolumeResponse { volume: Some(volume_proto(&rec, &node)) })
         })
         .await
     }
@@ -227,7 +221,7 @@ impl csi::controller_server::Controller for ControllerService {
             required("volume_id", &r.volume_id)?;
             // An ID that is not ours names no volume of ours: deleting it is done already.
             let Ok(id) = VolumeId::parse(&r.volume_id) else { return Ok(csi::DeleteVolumeResponse {}) };
-            if let Some(agent) = self.agent_for(id.node()) {
+            if let Some(agent) = self.agent_for(id.node())? {
                 agent.delete_volume(&id).await?;
             }
             Ok(csi::DeleteVolumeResponse {})
@@ -251,7 +245,9 @@ impl csi::controller_server::Controller for ControllerService {
             })?;
             let agent = self.volume_agent(&id)?;
             let (rec, _) = agent.get_volume(&id).await?;
-            if self.agent_for(&node).is_none() {
+            // A node this driver does not serve at all is NOT_FOUND; a node of the cluster
+            // that is not the volume's own cannot reach a local volume, registered or not.
+            if matches!(self.agent_for(&node), Ok(None)) {
                 return Err(Error::NodeNotFound {
                     node: node.to_string(),
                     reason: "no node agent with this ID is known".into(),
@@ -281,11 +277,13 @@ impl csi::controller_server::Controller for ControllerService {
             required("volume_id", &r.volume_id)?;
             // The spec: a volume or node that cannot be found is safely unpublished: OK.
             let Ok(id) = VolumeId::parse(&r.volume_id) else { return Ok(csi::ControllerUnpublishVolumeResponse {}) };
-            let Some(agent) = self.agent_for(id.node()) else { return Ok(csi::ControllerUnpublishVolumeResponse {}) };
+            let Some(agent) = self.agent_for(id.node())? else {
+                return Ok(csi::ControllerUnpublishVolumeResponse {});
+            };
             let nodes = if r.node_id.is_empty() {
                 match agent.get_volume(&id).await {
                     Ok((rec, _)) => rec.published_nodes.iter().filter_map(|n| NodeId::parse(n).ok()).collect(),
-                    Err(Error::VolumeNotFound { .. }) => vec![],
+                    Err(e) if e.code() == Code::NotFound => vec![],
                     Err(e) => return Err(e),
                 }
             } else {
@@ -350,12 +348,16 @@ impl csi::controller_server::Controller for ControllerService {
     ) -> Result<Response<csi::ListVolumesResponse>, Status> {
         let r = req.into_inner();
         call("ListVolumes", "", Noise::Query, async {
-            let node = self.agent.node_id().clone();
-            let all = self.agent.list_volumes().await?;
+            let mut all = Vec::new();
+            for m in self.directory.members() {
+                let node = m.node().clone();
+                all.extend(m.agent.list_volumes().await?.into_iter().map(|(rec, cond)| (rec, cond, node.clone())));
+            }
+            all.sort_by(|a, b| a.0.id.cmp(&b.0.id));
             let (page, next_token) = paginate(all, r.max_entries, &r.starting_token)?;
             let entries = page
                 .into_iter()
-                .map(|(rec, cond)| csi::list_volumes_response::Entry {
+                .map(|(rec, cond, node)| csi::list_volumes_response::Entry {
                     volume: Some(volume_proto(&rec, &node)),
                     status: Some(csi::list_volumes_response::VolumeStatus {
                         published_node_ids: rec.published_nodes.clone(),
@@ -381,20 +383,31 @@ impl csi::controller_server::Controller for ControllerService {
                 .map(|c| convert::capability("volume_capabilities", c))
                 .collect::<Result<Vec<_>>>()?;
             let fs = effective_fs(&mut params, &caps)?;
-            let node = self.agent.node_id();
-            let reachable = r.accessible_topology.as_ref().is_none_or(|t| segment_admits(t, node));
             let usable = caps.iter().all(|c| c.check_local(fs).is_ok());
-            if !reachable || !usable {
+            let members: Vec<_> = self
+                .directory
+                .members()
+                .into_iter()
+                .filter(|m| r.accessible_topology.as_ref().is_none_or(|t| crate::placement::admits(t, &m.topology)))
+                .collect();
+            if !usable || members.is_empty() {
                 return Ok(csi::GetCapacityResponse {
                     available_capacity: 0,
                     maximum_volume_size: None,
                     minimum_volume_size: None,
                 });
             }
-            let report = self.agent.capacity(&params).await?;
+            // Per segment (one node, as the external-provisioner asks with capacity
+            // tracking) this is the node's own answer; without a segment, the sum.
+            let (mut available, mut maximum) = (0u64, 0u64);
+            for m in members {
+                let report = m.agent.capacity(&params).await?;
+                available = available.saturating_add(report.available);
+                maximum = maximum.max(report.maximum_volume_size);
+            }
             Ok(csi::GetCapacityResponse {
-                available_capacity: report.available as i64,
-                maximum_volume_size: Some(report.maximum_volume_size as i64),
+                available_capacity: i64::try_from(available).unwrap_or(i64::MAX),
+                maximum_volume_size: Some(i64::try_from(maximum).unwrap_or(i64::MAX)),
                 minimum_volume_size: Some(fs.min_bytes() as i64),
             })
         })
@@ -458,7 +471,7 @@ impl csi::controller_server::Controller for ControllerService {
         call("DeleteSnapshot", &r.snapshot_id, Noise::Change, async {
             required("snapshot_id", &r.snapshot_id)?;
             let Ok(id) = SnapshotId::parse(&r.snapshot_id) else { return Ok(csi::DeleteSnapshotResponse {}) };
-            if let Some(agent) = self.agent_for(id.node()) {
+            if let Some(agent) = self.agent_for(id.node())? {
                 agent.delete_snapshot(&id).await?;
             }
             Ok(csi::DeleteSnapshotResponse {})
@@ -474,10 +487,10 @@ impl csi::controller_server::Controller for ControllerService {
         call("ListSnapshots", &r.snapshot_id, Noise::Query, async {
             let all: Vec<SnapshotRecord> = if !r.snapshot_id.is_empty() {
                 match SnapshotId::parse(&r.snapshot_id) {
-                    Ok(id) => match self.agent_for(id.node()) {
+                    Ok(id) => match self.agent_for(id.node())? {
                         Some(agent) => match agent.get_snapshot(&id).await {
                             Ok(s) => vec![s],
-                            Err(Error::SnapshotNotFound { .. }) => vec![],
+                            Err(e) if e.code() == Code::NotFound => vec![],
                             Err(e) => return Err(e),
                         },
                         None => vec![],
@@ -485,7 +498,12 @@ impl csi::controller_server::Controller for ControllerService {
                     Err(_) => vec![],
                 }
             } else {
-                self.agent.list_snapshots().await?
+                let mut all = Vec::new();
+                for m in self.directory.members() {
+                    all.extend(m.agent.list_snapshots().await?);
+                }
+                all.sort_by(|a, b| a.id.cmp(&b.id));
+                all
             };
             let all: Vec<SnapshotRecord> = all
                 .into_iter()

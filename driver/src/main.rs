@@ -1,7 +1,10 @@
 //! The `ferrovol` binary: `ferrovol run` serves the CSI Identity, Controller and Node
-//! services; the other subcommands are an operator's client for any CSI endpoint.
+//! services (all in one process, or split into the controller and node roles);
+//! `ferrovol certs` makes the certificates of the split roles; the other subcommands are an
+//! operator's client for any CSI endpoint.
 //! The command line is a contract: docs/CLI.md describes it and changes keep it compatible.
 
+mod certs_cmd;
 mod client;
 mod endpoint;
 mod identity;
@@ -33,9 +36,19 @@ struct Cli {
 enum Command {
     /// Serve the CSI Identity, Controller and Node services on one endpoint.
     Run(RunArgs),
+    /// Certificates for the mutual TLS between the controller and the node agents.
+    #[command(subcommand)]
+    Certs(certs_cmd::CertsCommand),
     /// Operator client commands against a running driver.
     #[command(flatten)]
     Client(client::ClientCommand),
+}
+
+/// A role of `--roles`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum RoleArg {
+    Controller,
+    Node,
 }
 
 #[derive(Debug, clap::Args)]
@@ -66,6 +79,29 @@ struct RunArgs {
     /// snapshots are refused and its volumes are reported abnormal.
     #[arg(long, default_value_t = 90.0)]
     thin_pool_full_percent: f64,
+    /// Which services to run: `controller,node` (all in one process, the default),
+    /// `controller` (the StatefulSet) or `node` (the DaemonSet).
+    #[arg(long, env = "FERROVOL_ROLES", value_enum, value_delimiter = ',', default_value = "controller,node")]
+    roles: Vec<RoleArg>,
+    /// Directory holding ca.crt, tls.crt and tls.key of this role (a mounted Secret; see
+    /// `ferrovol certs generate`). Required by the split roles.
+    #[arg(long, env = "FERROVOL_TLS_DIR")]
+    tls_dir: Option<PathBuf>,
+    /// Split roles: where the controller's Registry (default 0.0.0.0:9470) or the node's
+    /// agent service (default 0.0.0.0:9471) listens, over mutual TLS.
+    #[arg(long, env = "FERROVOL_CLUSTER_LISTEN")]
+    cluster_listen: Option<std::net::SocketAddr>,
+    /// Node role: the controller's Registry address, IP:PORT or HOST:PORT.
+    #[arg(long, env = "FERROVOL_CONTROLLER_ADDRESS")]
+    controller_address: Option<String>,
+    /// Node role: the IP:PORT the controller calls this node's agent on (default: the
+    /// --cluster-listen address when it is not a wildcard).
+    #[arg(long, env = "FERROVOL_ADVERTISE_ADDRESS")]
+    advertise_address: Option<std::net::SocketAddr>,
+    /// Controller role: how often node agents send a heartbeat, in seconds; a node is
+    /// considered down after five missed ones.
+    #[arg(long, default_value_t = 2.0)]
+    heartbeat_interval: f64,
     /// Log format.
     #[arg(long, value_enum, default_value_t = logging::Format::Text)]
     log_format: logging::Format,
@@ -85,6 +121,7 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Run(args) => runtime.block_on(run(args)),
+        Command::Certs(cmd) => certs_cmd::execute(cmd),
         Command::Client(cmd) => runtime.block_on(client::execute(cmd)),
     }
 }
@@ -102,6 +139,40 @@ async fn run(args: RunArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let roles = match (args.roles.contains(&RoleArg::Controller), args.roles.contains(&RoleArg::Node)) {
+        (true, true) => serve::Roles::AllInOne,
+        (true, false) => serve::Roles::Controller,
+        (false, true) => serve::Roles::Node,
+        (false, false) => {
+            tracing::error!("--roles names no role");
+            return ExitCode::from(2);
+        }
+    };
+    if !(args.heartbeat_interval > 0.0 && args.heartbeat_interval <= 3600.0) {
+        tracing::error!("--heartbeat-interval {} is not a number of seconds from 0 to 3600", args.heartbeat_interval);
+        return ExitCode::from(2);
+    }
+    let cluster = match (roles, args.tls_dir) {
+        (serve::Roles::AllInOne, None) => None,
+        (serve::Roles::AllInOne, Some(_)) => {
+            tracing::error!("--tls-dir is for the split roles (--roles controller or --roles node); all-in-one calls its agent in-process");
+            return ExitCode::from(2);
+        }
+        (_, None) => {
+            tracing::error!("--roles controller and --roles node talk over mutual TLS: pass --tls-dir (see `ferrovol certs generate`)");
+            return ExitCode::from(2);
+        }
+        (r, Some(tls_dir)) => Some(serve::ClusterConfig {
+            tls_dir,
+            listen: args.cluster_listen.unwrap_or_else(|| {
+                let port = if r == serve::Roles::Controller { 9470 } else { 9471 };
+                std::net::SocketAddr::from(([0, 0, 0, 0], port))
+            }),
+            controller_address: args.controller_address,
+            advertise_address: args.advertise_address,
+            heartbeat_interval: std::time::Duration::from_secs_f64(args.heartbeat_interval),
+        }),
+    };
     let cfg = serve::RunConfig {
         endpoint: args.endpoint,
         node_id: node,
@@ -111,6 +182,8 @@ async fn run(args: RunArgs) -> ExitCode {
         max_volumes: args.max_volumes,
         lvm_volume_groups: args.lvm_volume_groups,
         thin_pool_full_percent: args.thin_pool_full_percent,
+        roles,
+        cluster,
     };
     match serve::run(cfg).await {
         Ok(()) => ExitCode::SUCCESS,

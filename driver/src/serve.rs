@@ -1,15 +1,31 @@
-//! `ferrovol run`: opens the data dir, binds the endpoint, serves Identity, Controller and
-//! Node on one socket, reconciles in the background (Controller and Node calls answer
-//! UNAVAILABLE until it is done; Probe says not ready), and on SIGTERM or SIGINT finishes
-//! in-flight calls, removes the socket and exits 0.
+//! `ferrovol run`: serves one of three roles on the CSI endpoint, and on SIGTERM or SIGINT
+//! finishes in-flight calls, removes the socket and exits 0.
+//!
+//! - all-in-one (the default): Identity, Controller and Node on one socket; the controller
+//!   calls this node's agent in-process.
+//! - `--roles controller`: Identity and Controller on the CSI endpoint, plus the Registry
+//!   that node agents register with, on `--cluster-listen` over mutual TLS. No durable state.
+//! - `--roles node`: Identity and Node on the CSI endpoint, plus the Agent service the
+//!   controller calls, on `--cluster-listen` over mutual TLS; registers with
+//!   `--controller-address` once its start-up reconcile is done.
+//!
+//! A node reconciles in the background (Node and agent calls answer UNAVAILABLE until it is
+//! done; Probe says not ready).
 
 use std::io;
+use std::net::SocketAddr;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
+use ferrovol_cluster::heartbeat;
+use ferrovol_cluster::registry::{Registry, Timing};
+use ferrovol_cluster::server::AgentEndpoint;
+use ferrovol_cluster::tls::{role_interceptor, Role, TlsMaterial};
 use ferrovol_controller::ControllerService;
+use ferrovol_core::agent::NodeAgent;
 use ferrovol_core::guard::InFlight;
 use ferrovol_core::ids::NodeId;
 use ferrovol_node::agent::LoopAgent;
@@ -25,6 +41,8 @@ use ferrovol_node::lvm::tags;
 use ferrovol_node::service::NodeService;
 use ferrovol_node::stage::NodeOps;
 use ferrovol_node::store::LoopStore;
+use ferrovol_proto::agent::v1::agent_server::AgentServer;
+use ferrovol_proto::agent::v1::registry_server::RegistryServer;
 use ferrovol_proto::csi::v1 as csi;
 use tokio::net::{TcpListener, UnixListener};
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
@@ -46,6 +64,32 @@ pub struct RunConfig {
     /// LVM volume groups served; empty turns the LVM family off.
     pub lvm_volume_groups: Vec<String>,
     pub thin_pool_full_percent: f64,
+    pub roles: Roles,
+    /// The cluster settings of the split roles; `None` in all-in-one mode.
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// Which services this process serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Roles {
+    AllInOne,
+    Controller,
+    Node,
+}
+
+/// Settings of the split roles.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    /// ca.crt, tls.crt and tls.key of this role.
+    pub tls_dir: PathBuf,
+    /// Where the Registry (controller) or the Agent service (node) listens.
+    pub listen: SocketAddr,
+    /// Node: the controller's Registry, host:port.
+    pub controller_address: Option<String>,
+    /// Node: the address the controller calls this agent on.
+    pub advertise_address: Option<SocketAddr>,
+    /// Controller: how often agents heartbeat (the lease is five of these).
+    pub heartbeat_interval: Duration,
 }
 
 /// Why the server could not start.
@@ -59,12 +103,23 @@ pub enum StartError {
     Lvm(String),
     #[error("endpoint {endpoint}: {reason}")]
     Endpoint { endpoint: String, reason: String },
+    #[error("TLS: {0}")]
+    Tls(String),
+    #[error("cluster: {0}")]
+    Cluster(String),
     #[error("serving failed: {0}")]
     Serve(#[from] tonic::transport::Error),
 }
 
-/// Runs the server until SIGTERM or SIGINT.
-pub async fn run(cfg: RunConfig) -> Result<(), StartError> {
+/// The node side of a process: its agents, stage/publish operations and store.
+struct NodeParts {
+    store: LoopStore,
+    ops: NodeOps,
+    agent: FamilyAgents,
+    lvm_agent: Option<LvmAgent>,
+}
+
+fn build_node(cfg: &RunConfig) -> Result<NodeParts, StartError> {
     let store = LoopStore::open(&cfg.data_dir)
         .map_err(|source| StartError::DataDir { path: cfg.data_dir.display().to_string(), source })?;
     let mut roots = Vec::new();
@@ -86,7 +141,7 @@ pub async fn run(cfg: RunConfig) -> Result<(), StartError> {
         Arc::new(SystemKernel),
         roots,
     );
-    let lvm_agent = match lvm_groups(&cfg)? {
+    let lvm_agent = match lvm_groups(cfg)? {
         Some(groups) => {
             ops = ops.with_lvm(Arc::clone(&groups));
             Some(LvmAgent::new(cfg.node_id.clone(), groups, store.clone(), inflight))
@@ -94,32 +149,18 @@ pub async fn run(cfg: RunConfig) -> Result<(), StartError> {
         None => None,
     };
     let agent = FamilyAgents::new(loop_agent, lvm_agent.clone());
+    Ok(NodeParts { store, ops, agent, lvm_agent })
+}
 
-    let ready = Arc::new(AtomicBool::new(false));
-    let identity = IdentityService::new(cfg.driver_name.clone(), Arc::clone(&ready));
-    let gate = {
-        let ready = Arc::clone(&ready);
-        move |req: Request<()>| {
-            if ready.load(Ordering::Acquire) {
-                Ok(req)
-            } else {
-                Err(Status::unavailable("the driver is still reconciling its volumes after start-up; retry shortly"))
-            }
-        }
-    };
-    let controller = csi::controller_server::ControllerServer::with_interceptor(
-        ControllerService::new(Arc::new(agent)),
-        gate.clone(),
-    );
-    let node = csi::node_server::NodeServer::with_interceptor(NodeService::new(ops.clone(), cfg.max_volumes), gate);
-    let router = Server::builder()
-        .add_service(csi::identity_server::IdentityServer::new(identity))
-        .add_service(controller)
-        .add_service(node);
-
-    let reconcile_store = store.clone();
-    let reconcile_ready = Arc::clone(&ready);
-    let reconcile_ops = ops.clone();
+/// Reconciles the node in the background, sets `ready`, then runs `after` (registration).
+fn spawn_reconcile(
+    parts: &NodeParts,
+    ready: Arc<AtomicBool>,
+    after: Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>>,
+) {
+    let reconcile_store = parts.store.clone();
+    let reconcile_ops = parts.ops.clone();
+    let lvm_agent = parts.lvm_agent.clone();
     tokio::spawn(async move {
         if let Some(lvm) = lvm_agent {
             match lvm.clean_up_debris().await {
@@ -141,27 +182,189 @@ pub async fn run(cfg: RunConfig) -> Result<(), StartError> {
                 "start-up reconcile done"
             );
         }
-        reconcile_ready.store(true, Ordering::Release);
+        ready.store(true, Ordering::Release);
+        if let Some(after) = after {
+            after.await;
+        }
     });
+}
 
-    tracing::info!(endpoint = %cfg.endpoint, node = %cfg.node_id, data_dir = %store.root().display(), driver = %cfg.driver_name, "serving");
-    match &cfg.endpoint {
+fn gate(
+    ready: &Arc<AtomicBool>,
+) -> impl Fn(Request<()>) -> Result<Request<()>, Status> + Clone + Send + Sync + 'static {
+    let ready = Arc::clone(ready);
+    move |req: Request<()>| {
+        if ready.load(Ordering::Acquire) {
+            Ok(req)
+        } else {
+            Err(Status::unavailable("the driver is still reconciling its volumes after start-up; retry shortly"))
+        }
+    }
+}
+
+/// Loads and checks this role's TLS material.
+fn tls_material(cluster: &ClusterConfig, role: Role) -> Result<TlsMaterial, StartError> {
+    let m = TlsMaterial::load(&cluster.tls_dir).map_err(|e| StartError::Tls(e.to_string()))?;
+    m.check_role(role).map_err(|e| StartError::Tls(e.to_string()))?;
+    Ok(m)
+}
+
+/// Runs the server until SIGTERM or SIGINT.
+pub async fn run(cfg: RunConfig) -> Result<(), StartError> {
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+    let ready = Arc::new(AtomicBool::new(false));
+    let identity =
+        csi::identity_server::IdentityServer::new(IdentityService::new(cfg.driver_name.clone(), Arc::clone(&ready)));
+    match cfg.roles {
+        Roles::AllInOne => {
+            let parts = build_node(&cfg)?;
+            let controller = csi::controller_server::ControllerServer::with_interceptor(
+                ControllerService::new(Arc::new(parts.agent.clone())),
+                gate(&ready),
+            );
+            let node = csi::node_server::NodeServer::with_interceptor(
+                NodeService::new(parts.ops.clone(), cfg.max_volumes),
+                gate(&ready),
+            );
+            let router = Server::builder().add_service(identity).add_service(controller).add_service(node);
+            spawn_reconcile(&parts, Arc::clone(&ready), None);
+            tracing::info!(endpoint = %cfg.endpoint, node = %cfg.node_id, data_dir = %parts.store.root().display(), driver = %cfg.driver_name, "serving");
+            serve_csi(router, &cfg.endpoint, stopped()).await?;
+        }
+        Roles::Controller => {
+            let cluster = cluster_config(&cfg)?;
+            let tls = tls_material(cluster, Role::Controller)?;
+            let registry =
+                Registry::new(Timing::from_heartbeat(cluster.heartbeat_interval), tls.client_config(Role::Node));
+            let sweeper = registry.clone();
+            let sweep_every = cluster.heartbeat_interval;
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(sweep_every).await;
+                    sweeper.expire();
+                }
+            });
+            ready.store(true, Ordering::Release);
+            let controller = csi::controller_server::ControllerServer::new(ControllerService::with_directory(
+                Arc::new(registry.clone()),
+            ));
+            let router = Server::builder().add_service(identity).add_service(controller);
+            let listener = TcpListener::bind(cluster.listen)
+                .await
+                .map_err(|e| StartError::Cluster(format!("--cluster-listen {}: {e}", cluster.listen)))?;
+            let registry_server = Server::builder()
+                .tls_config(tls.server_config())?
+                .add_service(RegistryServer::with_interceptor(registry.grpc(), role_interceptor(Role::Node)))
+                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopped());
+            tracing::info!(endpoint = %cfg.endpoint, cluster = %cluster.listen, driver = %cfg.driver_name, "serving the controller role");
+            let (a, b) = tokio::join!(serve_csi(router, &cfg.endpoint, stopped()), registry_server);
+            a?;
+            b?;
+        }
+        Roles::Node => {
+            let cluster = cluster_config(&cfg)?;
+            let tls = tls_material(cluster, Role::Node)?;
+            let controller_address = cluster
+                .controller_address
+                .clone()
+                .ok_or_else(|| StartError::Cluster("--roles node needs --controller-address".into()))?;
+            let advertise = match cluster.advertise_address {
+                Some(a) => a,
+                None if !cluster.listen.ip().is_unspecified() => cluster.listen,
+                None => {
+                    return Err(StartError::Cluster(format!(
+                        "--cluster-listen {} does not say which address the controller should call; set \
+                         --advertise-address (in Kubernetes: the pod IP from the downward API)",
+                        cluster.listen
+                    )))
+                }
+            };
+            let parts = build_node(&cfg)?;
+            let node = csi::node_server::NodeServer::with_interceptor(
+                NodeService::new(parts.ops.clone(), cfg.max_volumes),
+                gate(&ready),
+            );
+            let router = Server::builder().add_service(identity).add_service(node);
+            let agent: Arc<dyn NodeAgent> = Arc::new(parts.agent.clone());
+            let endpoint = AgentEndpoint::new(agent, Arc::clone(&ready));
+            let listener = TcpListener::bind(cluster.listen)
+                .await
+                .map_err(|e| StartError::Cluster(format!("--cluster-listen {}: {e}", cluster.listen)))?;
+            let agent_server = Server::builder()
+                .tls_config(tls.server_config())?
+                .add_service(AgentServer::with_interceptor(endpoint, role_interceptor(Role::Controller)))
+                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopped());
+            let channel = heartbeat::channel(&controller_address, tls.client_config(Role::Controller))
+                .map_err(StartError::Cluster)?;
+            let mut families = vec!["loop".to_string()];
+            if parts.lvm_agent.is_some() {
+                families.push("lvm".into());
+            }
+            let me = heartbeat::Announcement {
+                node_id: cfg.node_id.to_string(),
+                address: advertise.to_string(),
+                topology: std::collections::HashMap::from([(
+                    ferrovol_core::TOPOLOGY_NODE_KEY.to_string(),
+                    cfg.node_id.to_string(),
+                )]),
+                families,
+            };
+            let stop_heartbeat = stopped();
+            spawn_reconcile(
+                &parts,
+                Arc::clone(&ready),
+                Some(Box::pin(async move {
+                    tokio::select! {
+                        () = heartbeat::run(channel, me) => {}
+                        () = stop_heartbeat => {}
+                    }
+                })),
+            );
+            tracing::info!(endpoint = %cfg.endpoint, node = %cfg.node_id, cluster = %cluster.listen, advertise = %advertise, controller = %controller_address, data_dir = %parts.store.root().display(), driver = %cfg.driver_name, "serving the node role");
+            let (a, b) = tokio::join!(serve_csi(router, &cfg.endpoint, stopped()), agent_server);
+            a?;
+            b?;
+        }
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn cluster_config(cfg: &RunConfig) -> Result<&ClusterConfig, StartError> {
+    cfg.cluster.as_ref().ok_or_else(|| StartError::Cluster("the split roles need --tls-dir".into()))
+}
+
+/// Serves the CSI services on the endpoint until `stop`.
+async fn serve_csi(
+    router: tonic::transport::server::Router,
+    endpoint: &Endpoint,
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<(), StartError> {
+    match endpoint {
         Endpoint::Unix(path) => {
-            let listener = bind_unix(path)
-                .map_err(|reason| StartError::Endpoint { endpoint: cfg.endpoint.to_string(), reason })?;
-            let result =
-                router.serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown_signal()).await;
+            let listener =
+                bind_unix(path).map_err(|reason| StartError::Endpoint { endpoint: endpoint.to_string(), reason })?;
+            let result = router.serve_with_incoming_shutdown(UnixListenerStream::new(listener), stop).await;
             let _ = std::fs::remove_file(path);
             result?;
         }
         Endpoint::Tcp(addr) => {
             let listener = TcpListener::bind(addr)
                 .await
-                .map_err(|e| StartError::Endpoint { endpoint: cfg.endpoint.to_string(), reason: e.to_string() })?;
-            router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown_signal()).await?;
+                .map_err(|e| StartError::Endpoint { endpoint: endpoint.to_string(), reason: e.to_string() })?;
+            router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop).await?;
         }
     }
-    tracing::info!("stopped");
     Ok(())
 }
 

@@ -68,3 +68,68 @@ pub trait NodeAgent: Send + Sync + std::fmt::Debug {
     /// Free capacity for volumes of these parameters.
     async fn capacity(&self, params: &VolumeParams) -> Result<CapacityReport>;
 }
+
+/// A node agent as the controller's directory knows it.
+#[derive(Debug, Clone)]
+pub struct Member {
+    pub agent: std::sync::Arc<dyn NodeAgent>,
+    /// The node's topology segments (always [`crate::TOPOLOGY_NODE_KEY`]).
+    pub topology: std::collections::BTreeMap<String, String>,
+}
+
+impl Member {
+    /// A member whose only topology key is its node.
+    pub fn of(agent: std::sync::Arc<dyn NodeAgent>) -> Self {
+        let topology =
+            std::collections::BTreeMap::from([(crate::TOPOLOGY_NODE_KEY.to_string(), agent.node_id().to_string())]);
+        Member { agent, topology }
+    }
+
+    pub fn node(&self) -> &NodeId {
+        self.agent.node_id()
+    }
+}
+
+/// Where the controller finds node agents: the one in-process agent of the all-in-one
+/// mode ([`LocalDirectory`]), or the registry of agents that registered over the network.
+pub trait Directory: Send + Sync + std::fmt::Debug {
+    /// The agent of `node`. `Ok(None)`: this driver does not serve that node at all (the
+    /// all-in-one mode and a foreign node). `Err(Unavailable)`: the node is not registered
+    /// now (down, cut off, or the controller has just started); the CO retries.
+    fn agent(&self, node: &NodeId) -> Result<Option<std::sync::Arc<dyn NodeAgent>>>;
+    /// Every live agent, ordered by node ID.
+    fn members(&self) -> Vec<Member>;
+    /// Whether a new volume may be placed now. After a controller start the registry waits
+    /// one lease for live agents to register again, so that a repeated CreateVolume finds
+    /// the volume an earlier attempt made instead of making a second one elsewhere.
+    fn ready_to_place(&self) -> Result<()>;
+    /// Whether nodes come and go (registered agents) rather than being fixed in-process.
+    fn is_cluster(&self) -> bool;
+}
+
+/// The directory of the all-in-one mode: one agent, called in-process.
+#[derive(Debug, Clone)]
+pub struct LocalDirectory {
+    member: Member,
+}
+
+impl LocalDirectory {
+    pub fn new(agent: std::sync::Arc<dyn NodeAgent>) -> Self {
+        LocalDirectory { member: Member::of(agent) }
+    }
+}
+
+impl Directory for LocalDirectory {
+    fn agent(&self, node: &NodeId) -> Result<Option<std::sync::Arc<dyn NodeAgent>>> {
+        Ok((self.member.node() == node).then(|| std::sync::Arc::clone(&self.member.agent)))
+    }
+    fn members(&self) -> Vec<Member> {
+        vec![self.member.clone()]
+    }
+    fn ready_to_place(&self) -> Result<()> {
+        Ok(())
+    }
+    fn is_cluster(&self) -> bool {
+        false
+    }
+}

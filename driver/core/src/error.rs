@@ -77,6 +77,10 @@ pub enum Error {
     /// A system operation failed: the operation, the object it acted on, and the cause.
     #[error("{operation} failed for {object}: {cause}")]
     System { operation: String, object: String, cause: String },
+    /// A node agent answered a call with an error: its code and its message (which already
+    /// names the object and the cause) are passed on unchanged.
+    #[error("node {node}: {message}")]
+    Remote { node: String, code: Code, message: String },
 }
 
 fn detail(reason: &str) -> String {
@@ -108,6 +112,7 @@ impl Error {
             Error::BadToken { .. } => Code::Aborted,
             Error::Unavailable { .. } => Code::Unavailable,
             Error::System { .. } => Code::Internal,
+            Error::Remote { code, .. } => *code,
         }
     }
 
