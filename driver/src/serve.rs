@@ -296,7 +296,7 @@ pub async fn run(cfg: RunConfig) -> Result<(), StartError> {
             );
             let router = Server::builder().add_service(identity).add_service(node);
             let agent: Arc<dyn NodeAgent> = Arc::new(parts.agent.clone());
-            let endpoint = AgentEndpoint::new(agent, Arc::clone(&ready));
+            let endpoint = AgentEndpoint::new(Arc::clone(&agent), Arc::clone(&ready));
             let listener = TcpListener::bind(cluster.listen)
                 .await
                 .map_err(|e| StartError::Cluster(format!("--cluster-listen {}: {e}", cluster.listen)))?;
@@ -325,7 +325,7 @@ pub async fn run(cfg: RunConfig) -> Result<(), StartError> {
                 Arc::clone(&ready),
                 Some(Box::pin(async move {
                     tokio::select! {
-                        () = heartbeat::run(channel, me) => {}
+                        () = heartbeat::run(channel, me, agent) => {}
                         () = stop_heartbeat => {}
                     }
                 })),

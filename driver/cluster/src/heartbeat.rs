@@ -4,7 +4,11 @@
 //! every second and logged once per outage, not once per attempt.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
+
+use ferrovol_core::agent::NodeAgent;
+use ferrovol_core::params::VolumeParams;
 
 use ferrovol_proto::agent::v1 as pb;
 use pb::registry_client::RegistryClient;
@@ -35,15 +39,25 @@ pub fn channel(address: &str, tls: ClientTlsConfig) -> Result<Channel, String> {
         .connect_lazy())
 }
 
+/// This node's free capacity for a default volume, as registration reports it.
+async fn capacity(agent: &Arc<dyn NodeAgent>) -> Option<pb::CapacityReport> {
+    let params = VolumeParams::parse(&HashMap::new()).ok()?;
+    agent.capacity(&params).await.ok().map(|c| crate::wire::capacity_to(&c))
+}
+
 /// Registers and heartbeats until the future is dropped.
-pub async fn run(channel: Channel, me: Announcement) {
+pub async fn run(channel: Channel, me: Announcement, agent: Arc<dyn NodeAgent>) {
     let mut client = RegistryClient::new(channel);
     let mut interval = Duration::from_secs(2);
     let mut registered = false;
     let mut failing: Option<String> = None;
     loop {
         let outcome = if registered {
-            let hb = pb::HeartbeatRequest { node_id: me.node_id.clone(), address: me.address.clone() };
+            let hb = pb::HeartbeatRequest {
+                node_id: me.node_id.clone(),
+                address: me.address.clone(),
+                capacity: capacity(&agent).await,
+            };
             match client.heartbeat(hb).await {
                 Ok(_) => Ok(()),
                 Err(s) if s.code() == tonic::Code::NotFound => {
@@ -62,6 +76,7 @@ pub async fn run(channel: Channel, me: Announcement) {
                 topology: me.topology.clone(),
                 version: env!("CARGO_PKG_VERSION").to_string(),
                 families: me.families.clone(),
+                capacity: capacity(&agent).await,
             };
             match client.register(req).await {
                 Ok(r) => {

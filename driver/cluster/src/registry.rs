@@ -45,6 +45,8 @@ struct Entry {
     member: Member,
     remote: Arc<RemoteAgent>,
     last_seen: Instant,
+    /// Free bytes for a default volume, as the agent last reported.
+    reported_available: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -113,12 +115,22 @@ impl Registry {
             Some(remote) => remote,
             None => {
                 let remote = Arc::new(RemoteAgent::connect(node.clone(), &r.address, self.inner.tls.clone())?);
-                tracing::info!(%node, address = %r.address, version = %printable(&r.version), "node agent registered");
+                tracing::info!(
+                    %node,
+                    address = %r.address,
+                    version = %printable(&r.version),
+                    available = r.capacity.as_ref().map(|c| c.available_bytes),
+                    "node agent registered"
+                );
                 remote
             }
         };
         let agent: Arc<dyn NodeAgent> = remote.clone();
-        nodes.insert(node, Entry { member: Member { agent, topology }, remote, last_seen: Instant::now() });
+        let reported_available = r.capacity.as_ref().map(|c| c.available_bytes);
+        nodes.insert(
+            node,
+            Entry { member: Member { agent, topology }, remote, last_seen: Instant::now(), reported_available },
+        );
         Ok(())
     }
 
@@ -129,6 +141,9 @@ impl Registry {
         match nodes.get_mut(&node) {
             Some(e) if e.remote.address() == r.address && e.last_seen.elapsed() <= self.inner.timing.lease => {
                 e.last_seen = Instant::now();
+                if let Some(c) = &r.capacity {
+                    e.reported_available = Some(c.available_bytes);
+                }
                 Ok(())
             }
             _ => Err(Status::not_found(format!("node {node} is not registered with this controller; register again"))),
@@ -140,9 +155,9 @@ impl Registry {
         RegistryService { registry: self.clone() }
     }
 
-    /// Registered, live node IDs (for logs and tests).
-    pub fn live_nodes(&self) -> Vec<NodeId> {
-        self.nodes().iter().filter(|(_, e)| self.live(e)).map(|(n, _)| n.clone()).collect()
+    /// Registered, live nodes with the free bytes each last reported (for logs and tests).
+    pub fn live_nodes(&self) -> Vec<(NodeId, Option<u64>)> {
+        self.nodes().iter().filter(|(_, e)| self.live(e)).map(|(n, e)| (n.clone(), e.reported_available)).collect()
     }
 }
 
@@ -246,10 +261,16 @@ mod tests {
         assert!(r.agent(&n1).expect("live").is_some());
         assert_eq!(r.members().len(), 1);
         assert_eq!(r.members()[0].topology.get(TOPOLOGY_NODE_KEY).map(String::as_str), Some("n1"));
-        r.heartbeat(&pb::HeartbeatRequest { node_id: "n1".into(), address: "10.0.0.1:9471".into() }).expect("hb");
-        let moved = r.heartbeat(&pb::HeartbeatRequest { node_id: "n1".into(), address: "10.0.0.9:9471".into() });
+        let hb = |node: &str, address: &str, available: u64| pb::HeartbeatRequest {
+            node_id: node.into(),
+            address: address.into(),
+            capacity: Some(pb::CapacityReport { available_bytes: available, maximum_volume_size: available }),
+        };
+        r.heartbeat(&hb("n1", "10.0.0.1:9471", 77)).expect("hb");
+        assert_eq!(r.live_nodes(), [(n1.clone(), Some(77))], "the heartbeat's capacity is kept");
+        let moved = r.heartbeat(&hb("n1", "10.0.0.9:9471", 1));
         assert_eq!(moved.expect_err("moved").code(), tonic::Code::NotFound);
-        let unknown = r.heartbeat(&pb::HeartbeatRequest { node_id: "n2".into(), address: "10.0.0.2:9471".into() });
+        let unknown = r.heartbeat(&hb("n2", "10.0.0.2:9471", 1));
         assert_eq!(unknown.expect_err("unknown").code(), tonic::Code::NotFound);
         tokio::time::sleep(Duration::from_millis(130)).await;
         assert!(r.ready_to_place().is_ok());
