@@ -73,8 +73,59 @@ pub struct Driver {
     pub kubelet: PathBuf,
     /// When the process was spawned (just before fork/exec).
     pub spawned: Instant,
+    /// How it was started, so [`Driver::respawn`] can start it again the same way.
+    recipe: Recipe,
     // Dropped after `Drop::drop` has stopped the process: the sweep must come last.
     sandbox: Sandbox,
+}
+
+/// The command line of a driver, less the paths that come from its sandbox.
+#[derive(Debug, Clone)]
+struct Recipe {
+    bin: PathBuf,
+    cpus: Option<String>,
+    extra: Vec<String>,
+    log_level: String,
+}
+
+impl Recipe {
+    /// Spawns the driver in the sandbox at `root`; its output goes to `root/driver.log`,
+    /// appended to when `append` (a restart), else a fresh file.
+    fn launch(&self, root: &Path, append: bool) -> Result<(Child, Instant)> {
+        let log_path = root.join("driver.log");
+        let log = if append {
+            fs::OpenOptions::new().append(true).create(true).open(&log_path)
+        } else {
+            File::create(&log_path)
+        }
+        .context(|| "creating the driver log".to_string())?;
+        let log2 = log.try_clone().context(|| "duplicating the driver log handle".to_string())?;
+        let mut cmd = match &self.cpus {
+            Some(list) => {
+                let mut c = Command::new("taskset");
+                c.args(["-c", list]).arg(&self.bin);
+                c
+            }
+            None => Command::new(&self.bin),
+        };
+        cmd.arg("run")
+            .arg(format!("--endpoint=unix://{}", root.join("csi.sock").display()))
+            .arg(format!("--node-id={NODE_ID}"))
+            .arg(format!("--data-dir={}", root.join("data").display()))
+            .arg(format!("--kubelet-dir={}", root.join("kubelet").display()))
+            .arg(format!("--log-level={}", self.log_level))
+            .args(&self.extra)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            // Its own process group: a Ctrl-C at the terminal reaches the bench, which then
+            // stops the driver itself after taking its volumes down.
+            .process_group(0);
+        let spawned = Instant::now();
+        let child = cmd.spawn().context(|| format!("starting {}", self.bin.display()))?;
+        lock_running().push(child.id());
+        Ok((child, spawned))
+    }
 }
 
 impl Driver {
@@ -95,35 +146,14 @@ impl Driver {
     ) -> Result<Driver> {
         let sandbox = Sandbox::new(parent, label)?;
         let root = sandbox.path();
-        let socket = root.join("csi.sock");
-        let kubelet = root.join("kubelet");
-        let log = File::create(root.join("driver.log")).context(|| "creating the driver log".to_string())?;
-        let log2 = log.try_clone().context(|| "duplicating the driver log handle".to_string())?;
-        let mut cmd = match cpus {
-            Some(list) => {
-                let mut c = Command::new("taskset");
-                c.args(["-c", list]).arg(bin);
-                c
-            }
-            None => Command::new(bin),
+        let recipe = Recipe {
+            bin: bin.to_path_buf(),
+            cpus: cpus.map(str::to_string),
+            extra: extra.to_vec(),
+            log_level: log_level.to_string(),
         };
-        cmd.arg("run")
-            .arg(format!("--endpoint=unix://{}", socket.display()))
-            .arg(format!("--node-id={NODE_ID}"))
-            .arg(format!("--data-dir={}", root.join("data").display()))
-            .arg(format!("--kubelet-dir={}", kubelet.display()))
-            .arg(format!("--log-level={log_level}"))
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log2)
-            // Its own process group: a Ctrl-C at the terminal reaches the bench, which then
-            // stops the driver itself after taking its volumes down.
-            .process_group(0);
-        let spawned = Instant::now();
-        let child = cmd.spawn().context(|| format!("starting {}", bin.display()))?;
-        lock_running().push(child.id());
-        Ok(Driver { child, socket, kubelet, spawned, sandbox })
+        let (child, spawned) = recipe.launch(root, false)?;
+        Ok(Driver { child, socket: root.join("csi.sock"), kubelet: root.join("kubelet"), spawned, recipe, sandbox })
     }
 
     /// Starts a driver and waits until its Probe answers ready.
@@ -207,6 +237,28 @@ impl Driver {
         Ok(())
     }
 
+    /// SIGKILL to its process group, as a crash would be: no clean shutdown, the socket file
+    /// stays behind.
+    pub fn kill(&mut self) -> Result<()> {
+        let pid = self.child.id();
+        signal_group(pid, Signal::SIGKILL);
+        let waited = self.child.wait().context(|| "waiting on the killed driver".to_string());
+        lock_running().retain(|p| *p != pid);
+        waited.map(|_| ())
+    }
+
+    /// Starts the same command again in the same sandbox, once the last process has exited
+    /// ([`Driver::kill`], [`Driver::stop`]); resets `spawned` and appends to the same log.
+    pub fn respawn(&mut self) -> Result<()> {
+        if self.child.try_wait().context(|| "waiting on the driver".to_string())?.is_none() {
+            return Err("respawn: the driver is still running".into());
+        }
+        let (child, spawned) = self.recipe.launch(self.sandbox.path(), true)?;
+        self.child = child;
+        self.spawned = spawned;
+        Ok(())
+    }
+
     fn log_tail(&self) -> String {
         let log = fs::read_to_string(self.sandbox.path().join("driver.log")).unwrap_or_default();
         let lines: Vec<&str> = log.lines().collect();
@@ -244,7 +296,7 @@ fn status(what: &'static str) -> impl Fn(tonic::Status) -> String {
     move |s| format!("{what}: {:?}: {}", s.code(), s.message())
 }
 
-fn ext4_mount() -> csi::VolumeCapability {
+pub fn ext4_mount() -> csi::VolumeCapability {
     use csi::volume_capability::{access_mode::Mode, AccessMode, AccessType, MountVolume};
     csi::VolumeCapability {
         access_mode: Some(AccessMode { mode: Mode::SingleNodeWriter as i32 }),

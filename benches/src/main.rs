@@ -1,10 +1,12 @@
 //! `ferrovol-bench`: starts the real release `ferrovol` binary and measures volume lifecycle
 //! latency, concurrent provisioning, data-path throughput, start-up time and idle memory, each
-//! against the raw operation it wraps in the same run. Prints a text report, optionally JSON.
+//! against the raw operation it wraps in the same run, and the split controller and node roles
+//! against all-in-one. Prints a text report, optionally JSON.
 //!
 //! Needs root (loop devices and mounts). Everything it makes lives under fresh directories of
 //! its own and is taken down on every path; see `sandbox`.
 
+mod cluster;
 mod concurrency;
 mod datapath;
 mod driver;
@@ -49,19 +51,22 @@ enum Bench {
     Startup,
     /// The LVM family (needs device-mapper and --lvm-device: run it in the test VM).
     Lvm,
+    /// The split roles (controller + node agent over mTLS) against all-in-one.
+    Cluster,
 }
 
 #[derive(Debug, Parser)]
 #[command(name = "ferrovol-bench", about = "Benchmarks of the ferrovol driver against the raw operations it wraps")]
 struct Cli {
-    /// Repetitions of every benchmark [default: lifecycle 30, concurrency 5, datapath 3, startup 10].
+    /// Repetitions of every benchmark [default: lifecycle 30, concurrency 5, datapath 3, startup 10,
+    /// cluster 30 (controller restarts: at most 5)].
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     reps: Option<u32>,
     /// Also write the results as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
     /// Benchmarks to run, comma-separated.
-    #[arg(long, value_enum, value_delimiter = ',', default_value = "lifecycle,concurrency,datapath,startup")]
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "lifecycle,concurrency,datapath,startup,cluster")]
     only: Vec<Bench>,
     /// Directory for the scratch directories; the driver's data dir is made here, so this is
     /// the filesystem the data-path benchmark compares against.
@@ -201,6 +206,9 @@ async fn run(cli: Cli, bin: PathBuf) -> ExitCode {
     }
     if wanted(Bench::Lvm) {
         report.lvm = keep(lvm::run(&cfg, reps(10)).await, "lvm");
+    }
+    if wanted(Bench::Cluster) {
+        report.cluster = keep(cluster::run(&cfg, reps(30)).await, "cluster");
     }
     machine.after(started);
     report.machine = machine;

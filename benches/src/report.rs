@@ -19,6 +19,7 @@ pub struct Report {
     pub datapath: Option<datapath::Report>,
     pub startup: Option<startup::Report>,
     pub lvm: Option<crate::lvm::Report>,
+    pub cluster: Option<crate::cluster::Report>,
     /// Benchmarks that failed, and anything a sweep had to take down after a benchmark.
     pub problems: Vec<String>,
 }
@@ -163,6 +164,10 @@ fn write_all(r: &Report, out: &mut String) -> std::fmt::Result {
     if let Some(l) = &r.lvm {
         out.push('\n');
         crate::lvm::print(l, out)?;
+    }
+    if let Some(c) = &r.cluster {
+        out.push('\n');
+        crate::cluster::print(c, out)?;
     }
     if !r.problems.is_empty() {
         writeln!(out, "\nPROBLEMS")?;

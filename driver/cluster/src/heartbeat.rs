@@ -99,11 +99,12 @@ pub async fn run(channel: Channel, me: Announcement, agent: Arc<dyn NodeAgent>) 
                 tokio::time::sleep(interval).await;
             }
             Err(e) => {
+                let retry = RETRY.min(interval);
                 if failing.is_none() {
-                    tracing::warn!("cannot reach the controller, retrying every {RETRY:?}: {e}");
+                    tracing::warn!("cannot reach the controller, retrying every {retry:?}: {e}");
                 }
                 failing = Some(e);
-                tokio::time::sleep(RETRY.min(interval)).await;
+                tokio::time::sleep(retry).await;
             }
         }
     }

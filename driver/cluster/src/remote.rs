@@ -62,13 +62,8 @@ impl RemoteAgent {
     fn failed(&self, status: tonic::Status) -> Error {
         let code = Code::from_tonic(status.code());
         let message = match status.code() {
-            tonic::Code::Unavailable
-            | tonic::Code::DeadlineExceeded
-            | tonic::Code::Cancelled
-            | tonic::Code::Unknown
-                if !status.message().starts_with("unavailable:") =>
-            {
-                format!("the node agent at {} did not answer: {}", self.address, status.message())
+            tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled | tonic::Code::Unknown => {
+                format!("the node agent at {} is unavailable: {}", self.address, status.message())
             }
             tonic::Code::PermissionDenied | tonic::Code::Unauthenticated => {
                 format!("the node agent at {} refused the controller: {}", self.address, status.message())

@@ -72,7 +72,7 @@ pub enum Error {
     #[error("invalid starting_token {token:?}: {reason}")]
     BadToken { token: String, reason: String },
     /// The driver is not ready yet (start-up reconcile still running) or a peer is unreachable.
-    #[error("unavailable: {reason}")]
+    #[error("{reason}")]
     Unavailable { reason: String },
     /// A system operation failed: the operation, the object it acted on, and the cause.
     #[error("{operation} failed for {object}: {cause}")]
