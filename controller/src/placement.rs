@@ -116,7 +116,23 @@ impl ControllerService {
         };
         let existing = if members.len() > 1 { self.holder(&new, &members).await? } else { None };
         let mut candidates = match (existing, &source_node, pending) {
-            (Some(m), _, _) => vec![m],
+            (Some(m), _, _) => {
+                // The spec: a repeat is OK only if the existing volume is accessible from the
+                // requirements; one on a node the requisite excludes is not compatible.
+                if let Some(t) = req.filter(|t| !t.requisite.is_empty()) {
+                    if !t.requisite.iter().any(|s| admits(s, &m.topology)) {
+                        return Err(Error::NameConflict {
+                            kind: "volume",
+                            name: volume,
+                            reason: format!(
+                                "it exists on node {}, which no requisite topology segment admits",
+                                m.node()
+                            ),
+                        });
+                    }
+                }
+                vec![m]
+            }
             (None, Some(node), _) => {
                 let Some(agent) = self.directory.agent(node)? else {
                     // All-in-one and a source of a node not served here: the agent answers

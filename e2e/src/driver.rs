@@ -4,12 +4,14 @@ use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::cluster::{Cluster, ClusterOptions};
 use crate::csi::controller_client::ControllerClient;
 use crate::csi::identity_client::IdentityClient;
 use crate::csi::node_client::NodeClient;
@@ -86,6 +88,10 @@ pub fn unique_node_id() -> String {
 ///
 /// Dropping it kills the process (SIGKILL) and releases the mounts and loop devices left in
 /// its sandbox; on a failing test it also prints the end of the driver's log.
+///
+/// For a split family ([`Family::split`]) the driver is a view of a [`Cluster`] it owns: the
+/// Controller service is the controller's, Identity and Node are the focus node's, and the
+/// sandbox, node ID, [`Driver::kill_9`] and [`Driver::restart`] are the focus node's.
 #[derive(Debug)]
 pub struct Driver {
     child: Option<Child>,
@@ -93,8 +99,11 @@ pub struct Driver {
     endpoint: String,
     args: Vec<String>,
     pub options: DriverOptions,
-    /// Declared last so it is released after the process is gone.
-    pub sandbox: Sandbox,
+    /// The cluster of a split family; dropped before the sandbox.
+    cluster: Option<Box<Cluster>>,
+    /// Declared last so it is released after the process is gone. In split mode it is the
+    /// focus node's sandbox, shared with the cluster.
+    pub sandbox: Arc<Sandbox>,
 }
 
 impl Driver {
@@ -109,6 +118,9 @@ impl Driver {
             nix::unistd::geteuid().is_root(),
             "the kernel tests need root (loop devices, mkfs, mounts); run them as root"
         );
+        if family.is_split() {
+            return Driver::start_split(sandbox, family, options).await;
+        }
         let (endpoint, listen) = match options.transport {
             Transport::Unix => {
                 let socket = sandbox.socket_path();
@@ -149,9 +161,50 @@ impl Driver {
             .timeout(RPC_TIMEOUT)
             .connect_timeout(Duration::from_secs(2))
             .connect_lazy();
-        let mut driver = Driver { child: None, channel, endpoint, args, options, sandbox };
+        let mut driver =
+            Driver { child: None, channel, endpoint, args, options, cluster: None, sandbox: Arc::new(sandbox) };
         driver.spawn_and_wait_ready().await;
         driver
+    }
+
+    /// Starts the cluster of a split family, the focus node in `sandbox`.
+    async fn start_split(sandbox: Sandbox, family: &Family, mut options: DriverOptions) -> Driver {
+        let split = family.split.clone().expect("a split family");
+        assert_eq!(split.focus, 0, "the cluster runs its focus node as node 0");
+        assert_eq!(options.transport, Transport::Unix, "a split cluster serves its CSI endpoints on unix sockets only");
+        let sandbox = Arc::new(sandbox);
+        let cluster_options = ClusterOptions {
+            node_ids: split.node_ids.clone(),
+            driver_name: options.driver_name.clone(),
+            log_format: options.log_format,
+            log_level: options.log_level.clone(),
+            node_extra_args: options.extra_args.clone(),
+            ..ClusterOptions::new(0)
+        };
+        let cluster = Cluster::start_in(family, cluster_options, Some(Arc::clone(&sandbox))).await;
+        options.node_id = split.focus_id().to_owned();
+        let endpoint = format!("unix://{}", sandbox.socket_path().display());
+        let channel = Endpoint::from_shared(endpoint.clone())
+            .expect("a valid endpoint URI")
+            .timeout(RPC_TIMEOUT)
+            .connect_timeout(Duration::from_secs(2))
+            .connect_lazy();
+        Driver { child: None, channel, endpoint, args: Vec::new(), options, cluster: Some(Box::new(cluster)), sandbox }
+    }
+
+    /// The cluster behind a split driver; `None` for an all-in-one driver.
+    pub fn cluster(&self) -> Option<&Cluster> {
+        self.cluster.as_deref()
+    }
+
+    /// The cluster behind a split driver, mutably (to kill and restart its processes).
+    pub fn cluster_mut(&mut self) -> Option<&mut Cluster> {
+        self.cluster.as_deref_mut()
+    }
+
+    /// Whether this driver is a view of a split cluster.
+    pub fn is_split(&self) -> bool {
+        self.cluster.is_some()
     }
 
     async fn spawn_and_wait_ready(&mut self) {
@@ -175,49 +228,50 @@ impl Driver {
     }
 
     async fn wait_ready(&mut self) {
-        let deadline = Instant::now() + READY_TIMEOUT;
-        loop {
-            if let Some(status) = self.try_wait() {
-                panic!(
-                    "ferrovol {:?} exited with {status} before it was ready; log:\n{}",
-                    self.args,
-                    self.log_tail(80)
-                );
-            }
-            let probe = tokio::time::timeout(Duration::from_secs(5), self.identity().probe(ProbeRequest {})).await;
-            let last = match probe {
-                // An absent `ready` means ready (spec, ProbeResponse).
-                Ok(Ok(response)) if response.get_ref().ready != Some(false) => return,
-                Ok(Ok(_)) => "Probe answered ready=false".to_owned(),
-                Ok(Err(status)) => format!("Probe failed: {status}"),
-                Err(_) => "Probe did not answer within 5 s".to_owned(),
-            };
-            if Instant::now() >= deadline {
-                panic!("ferrovol was not ready within {READY_TIMEOUT:?} ({last}); log:\n{}", self.log_tail(80));
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let label = format!("ferrovol {:?}", self.args);
+        let identity = self.identity();
+        wait_probe_ready(&label, identity, |want_log| {
+            let status = self.try_wait();
+            let log = if want_log || status.is_some() { self.log_tail(80) } else { String::new() };
+            (status, log)
+        })
+        .await;
     }
 
     fn try_wait(&mut self) -> Option<ExitStatus> {
         self.child.as_mut().and_then(|child| child.try_wait().expect("query the driver process"))
     }
 
-    /// The process ID, while the driver runs.
+    /// The process ID, while the driver runs (split: the focus node's).
     pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
+        match &self.cluster {
+            Some(cluster) => cluster.node_pid(0),
+            None => self.child.as_ref().map(Child::id),
+        }
     }
 
+    /// The Identity service (split: the focus node's).
     pub fn identity(&self) -> IdentityClient<Channel> {
-        IdentityClient::new(self.channel.clone())
+        match &self.cluster {
+            Some(cluster) => cluster.identity(0),
+            None => IdentityClient::new(self.channel.clone()),
+        }
     }
 
+    /// The Controller service (split: the controller's).
     pub fn controller(&self) -> ControllerClient<Channel> {
-        ControllerClient::new(self.channel.clone())
+        match &self.cluster {
+            Some(cluster) => cluster.controller(),
+            None => ControllerClient::new(self.channel.clone()),
+        }
     }
 
+    /// The Node service (split: the focus node's).
     pub fn node(&self) -> NodeClient<Channel> {
-        NodeClient::new(self.channel.clone())
+        match &self.cluster {
+            Some(cluster) => cluster.node(0),
+            None => NodeClient::new(self.channel.clone()),
+        }
     }
 
     pub fn node_id(&self) -> &str {
@@ -240,8 +294,12 @@ impl Driver {
         self.sandbox.target_path(name)
     }
 
-    /// Kills the driver with SIGKILL, as a crash or an OOM kill would, and reaps it.
+    /// Kills the driver with SIGKILL, as a crash or an OOM kill would, and reaps it (split:
+    /// the focus node).
     pub fn kill_9(&mut self) {
+        if let Some(cluster) = &mut self.cluster {
+            cluster.kill_node(0);
+        }
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
@@ -249,15 +307,31 @@ impl Driver {
     }
 
     /// Kills the driver if it runs, then starts it again with the same arguments, data dir
-    /// and socket (the old socket file is left behind, as after a crash).
+    /// and socket (the old socket file is left behind, as after a crash). Split: the focus
+    /// node, ready and registered again (and the controller too if it was stopped).
     pub async fn restart(&mut self) {
         self.kill_9();
+        if let Some(cluster) = &mut self.cluster {
+            if !cluster.controller_running() {
+                cluster.start_controller().await;
+                cluster.start_node(0).await;
+                cluster.wait_settled().await;
+            } else {
+                cluster.start_node(0).await;
+            }
+            return;
+        }
         self.spawn_and_wait_ready().await;
     }
 
     /// Sends SIGTERM and asserts a clean shutdown: exit status 0 within the timeout and,
-    /// on a unix socket, the socket file removed.
+    /// on a unix socket, the socket file removed. Split: every process of the cluster, nodes
+    /// first.
     pub async fn stop(&mut self) {
+        if let Some(cluster) = &mut self.cluster {
+            cluster.stop_all().await;
+            return;
+        }
         let status = self.terminate().await;
         assert!(
             status.success(),
@@ -273,8 +347,11 @@ impl Driver {
         }
     }
 
-    /// Sends SIGTERM and waits for the exit without judging it.
+    /// Sends SIGTERM and waits for the exit without judging it (split: the focus node).
     pub async fn terminate(&mut self) -> ExitStatus {
+        if let Some(cluster) = &mut self.cluster {
+            return cluster.terminate_node(0).await;
+        }
         let child = self.child.as_mut().expect("the driver is running");
         let pid = Pid::from_raw(i32::try_from(child.id()).expect("a pid fits in i32"));
         kill(pid, Signal::SIGTERM).expect("send SIGTERM to the driver");
@@ -318,6 +395,9 @@ impl Driver {
         let left =
             crate::kernel::settled_leftovers(self.sandbox.root(), &self.sandbox.data_dir(), Duration::from_secs(5));
         assert!(left.is_empty(), "leaked kernel resources: {left:#?}");
+        if let Some(cluster) = &self.cluster {
+            cluster.assert_no_leaks();
+        }
     }
 
     /// Releases everything under the sandbox without judging it (after a deliberate crash).
@@ -329,13 +409,43 @@ impl Driver {
 impl Drop for Driver {
     fn drop(&mut self) {
         self.kill_9();
-        if std::thread::panicking() {
+        // A cluster prints the logs of all its processes itself.
+        if std::thread::panicking() && self.cluster.is_none() {
             eprintln!(
                 "---- ferrovol log ({}) ----\n{}\n---- end of log ----",
                 self.sandbox.root().display(),
                 self.log_tail(120)
             );
         }
+    }
+}
+
+/// Polls Probe until it answers ready; panics with the log when the process exits first or
+/// the deadline passes. `process(want_log)` answers the exit status, if any, and the log
+/// tail when asked for it or when the process has exited.
+pub(crate) async fn wait_probe_ready(
+    label: &str,
+    mut identity: IdentityClient<Channel>,
+    mut process: impl FnMut(bool) -> (Option<ExitStatus>, String),
+) {
+    let deadline = Instant::now() + READY_TIMEOUT;
+    loop {
+        if let (Some(status), log) = process(false) {
+            panic!("{label} exited with {status} before it was ready; log:\n{log}");
+        }
+        let probe = tokio::time::timeout(Duration::from_secs(5), identity.probe(ProbeRequest {})).await;
+        let last = match probe {
+            // An absent `ready` means ready (spec, ProbeResponse).
+            Ok(Ok(response)) if response.get_ref().ready != Some(false) => return,
+            Ok(Ok(_)) => "Probe answered ready=false".to_owned(),
+            Ok(Err(status)) => format!("Probe failed: {status}"),
+            Err(_) => "Probe did not answer within 5 s".to_owned(),
+        };
+        if Instant::now() >= deadline {
+            let (_, log) = process(true);
+            panic!("{label} was not ready within {READY_TIMEOUT:?} ({last}); log:\n{log}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

@@ -69,6 +69,28 @@ pub struct Family {
     pub driver_args: Vec<String>,
     /// Sizes are whole multiples of this (1 MiB; an LVM extent, 4 MiB, for LVM).
     pub size_unit: i64,
+    /// Set by [`Family::split`]: the scenarios run against a cluster of split processes.
+    pub split: Option<Split>,
+}
+
+/// A family served "split": [`crate::Driver::start`] starts a [`crate::cluster::Cluster`] of
+/// `--roles controller` and `--roles node` processes, and the driver is a view of it (the
+/// controller's socket for the Controller service, the focus node's for Identity and Node).
+/// The node IDs are chosen up front so that requests can be pinned to the focus node when
+/// they are built (see [`crate::requests::create_request`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Split {
+    /// One per node.
+    pub node_ids: Vec<String>,
+    /// The node the driver view talks to (its index in `node_ids`).
+    pub focus: usize,
+}
+
+impl Split {
+    /// The focus node's ID.
+    pub fn focus_id(&self) -> &str {
+        &self.node_ids[self.focus]
+    }
 }
 
 impl Family {
@@ -85,6 +107,7 @@ impl Family {
             block_minimum_bytes: 16 * crate::MIB,
             driver_args: Vec::new(),
             size_unit: crate::MIB,
+            split: None,
         }
     }
 
@@ -115,7 +138,29 @@ impl Family {
             block_minimum_bytes: 16 * crate::MIB,
             driver_args: vec!["--lvm-volume-group".to_owned(), vg.name.clone()],
             size_unit: 4 * crate::MIB,
+            split: None,
         }
+    }
+
+    /// This family served by a cluster of `nodes` split processes (one controller, `nodes`
+    /// node agents), the driver view focused on node 0 (see [`Split`]).
+    pub fn split(mut self, nodes: usize) -> Self {
+        assert!(nodes > 0, "a cluster needs at least one node");
+        assert!(self.topology_key.is_some(), "a split family pins volumes to a node: it needs a topology key");
+        self.split = Some(Split { node_ids: (0..nodes).map(|_| crate::driver::unique_node_id()).collect(), focus: 0 });
+        self
+    }
+
+    /// Whether the scenarios run against a split cluster.
+    pub fn is_split(&self) -> bool {
+        self.split.is_some()
+    }
+
+    /// The topology segment new volumes are pinned to in a split family (the focus node's).
+    pub fn pinned_topology(&self) -> Option<crate::csi::Topology> {
+        let split = self.split.as_ref()?;
+        let segments = self.node_topology(split.focus_id())?;
+        Some(crate::csi::Topology { segments })
     }
 
     /// `bytes` rounded up to a whole size unit: the capacity a request for `bytes` gets.
@@ -151,10 +196,21 @@ impl Family {
     /// Asserts that no volume or snapshot storage of this family is left behind by `driver`
     /// (after every volume and snapshot was deleted).
     pub fn assert_no_leftover_storage(&self, driver: &crate::Driver) {
-        let data_dir: &Path = &driver.data_dir();
+        // A split driver's volumes may only live on its focus node, but nothing may be left
+        // on any node.
+        let nodes: Vec<(String, std::path::PathBuf)> = match driver.cluster() {
+            Some(cluster) => (0..cluster.len()).map(|i| (cluster.node_id(i).to_owned(), cluster.data_dir(i))).collect(),
+            None => vec![(driver.node_id().to_owned(), driver.data_dir())],
+        };
+        for (node, data_dir) in &nodes {
+            self.assert_no_leftover_storage_of(node, data_dir);
+        }
+    }
+
+    fn assert_no_leftover_storage_of(&self, node: &str, data_dir: &Path) {
         match self.kind {
             FamilyKind::Lvm | FamilyKind::LvmThin => {
-                let left = crate::lvm::lvs_of_node(driver.node_id());
+                let left = crate::lvm::lvs_of_node(node);
                 assert!(left.is_empty(), "logical volumes left after everything was deleted: {left:?}");
             }
             FamilyKind::Loop => {

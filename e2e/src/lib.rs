@@ -10,12 +10,14 @@
 
 pub mod assertions;
 pub mod binary;
+pub mod cluster;
 pub mod data;
 pub mod driver;
 pub mod family;
 pub mod independent;
 pub mod kernel;
 pub mod lvm;
+pub mod netns;
 pub mod requests;
 pub mod sandbox;
 pub mod steps;
@@ -24,8 +26,10 @@ pub use ferrovol_proto::csi::v1 as csi;
 pub use tonic::Code;
 
 pub use assertions::{expect_code, expect_code_in, expect_ok};
+pub use cluster::{Cluster, ClusterOptions};
 pub use driver::{Driver, DriverOptions, LogFormat, Transport};
-pub use family::{Family, FamilyKind, FsType};
+pub use family::{Family, FamilyKind, FsType, Split};
+pub use netns::Net;
 pub use requests::{Access, Vol, GIB, MIB};
 pub use sandbox::Sandbox;
 

@@ -9,8 +9,8 @@ use crate::csi::{
     volume_content_source, CapacityRange, ControllerExpandVolumeRequest, ControllerPublishVolumeRequest,
     ControllerUnpublishVolumeRequest, CreateSnapshotRequest, CreateVolumeRequest, DeleteSnapshotRequest,
     DeleteVolumeRequest, NodeExpandVolumeRequest, NodeGetVolumeStatsRequest, NodePublishVolumeRequest,
-    NodeStageVolumeRequest, NodeUnpublishVolumeRequest, NodeUnstageVolumeRequest, Volume, VolumeCapability,
-    VolumeContentSource,
+    NodeStageVolumeRequest, NodeUnpublishVolumeRequest, NodeUnstageVolumeRequest, TopologyRequirement, Volume,
+    VolumeCapability, VolumeContentSource,
 };
 use crate::family::{Family, FsType};
 
@@ -113,6 +113,10 @@ pub fn parameters(family: &Family, access: Access) -> HashMap<String, String> {
 
 /// A CreateVolume request as external-provisioner sends it: one capability
 /// (SINGLE_NODE_WRITER), the family's parameters plus the orchestrator's own keys.
+///
+/// For a split family the request is pinned to the focus node, as Kubernetes pins a
+/// WaitForFirstConsumer claim to the selected node (requisite = preferred = that node);
+/// a scenario that sets its own `accessibility_requirements` replaces the pin.
 pub fn create_request(family: &Family, name: &str, access: Access, required_bytes: i64) -> CreateVolumeRequest {
     let mut parameters = parameters(family, access);
     parameters.insert("csi.storage.k8s.io/pvc/name".to_owned(), format!("{name}-claim"));
@@ -123,6 +127,9 @@ pub fn create_request(family: &Family, name: &str, access: Access, required_byte
         capacity_range: range(required_bytes, 0),
         volume_capabilities: vec![capability(access, Mode::SingleNodeWriter)],
         parameters,
+        accessibility_requirements: family
+            .pinned_topology()
+            .map(|segment| TopologyRequirement { requisite: vec![segment.clone()], preferred: vec![segment] }),
         ..Default::default()
     }
 }

@@ -107,6 +107,43 @@ ferrovol_e2e::family_tests!([
     path_escape_ids_are_not_found,
 );
 
+// The family-dependent scenarios (the LVM list) once more against a split cluster: one
+// `--roles controller` process and three `--roles node` processes over mutual TLS, each node
+// in its own network namespace (src/cluster.rs). The driver view talks to the controller for
+// the Controller service and to node 0 for Identity and Node; requests pin new volumes to
+// node 0. Where the cluster answers differently from the all-in-one driver by design (an ID
+// of a node that is not registered is UNAVAILABLE, not NOT_FOUND), the scenario asserts the
+// cluster's answer.
+ferrovol_e2e::family_tests!(split_loop => ferrovol_e2e::Family::loop_family().split(3);
+    create_volume_is_idempotent,
+    create_volume_incompatible_repeat,
+    create_volume_missing_fields,
+    create_volume_unsupported_requests,
+    capacity_rules,
+    topology_requirements,
+    delete_volume_rules,
+    delete_volume_in_use,
+    controller_publish_rules,
+    validate_volume_capabilities_rules,
+    list_volumes_pagination,
+    get_capacity_rules,
+    snapshot_rules,
+    snapshots_outlive_their_volume,
+    create_from_source_rules,
+    controller_expand_rules,
+    node_stage_rules,
+    mount_flags,
+    node_publish_rules,
+    single_node_access_modes,
+    readonly_publish,
+    node_stats_rules,
+    node_expand_rules,
+    capability_fs_type_is_honoured,
+    parallel_create_same_name,
+    parallel_node_calls_same_volume,
+    path_escape_ids_are_not_found,
+);
+
 /// One exabyte: more than any test machine has free.
 const HUGE: i64 = 1 << 60;
 
@@ -168,6 +205,59 @@ async fn refused_snapshot(
         }
     }
     m.code(result, codes, what);
+}
+
+/// The node a well-formed volume or snapshot ID of `driver`'s family names, when `driver` is
+/// a split cluster in which that node is not registered. Such an ID cannot be judged by the
+/// controller (the node may only be down), so the cluster answers UNAVAILABLE where the
+/// all-in-one driver answers NOT_FOUND (or OK for deletions); see `unavailable_or`.
+fn unregistered_node_of(driver: &Driver, id: &str) -> Option<String> {
+    let cluster = driver.cluster()?;
+    let mut parts = id.splitn(3, ':');
+    let (kind, node, local) = (parts.next()?, parts.next()?, parts.next()?);
+    let tag = cluster.family().id_tag;
+    if kind != format!("{tag}.vol") && kind != format!("{tag}.snap") {
+        return None;
+    }
+    let node_ok = !node.is_empty()
+        && node.len() <= 63
+        && !node.starts_with('.')
+        && node.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'));
+    let local_ok = !local.is_empty()
+        && local.len() <= 63
+        && local.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+    (node_ok && local_ok && !cluster.node_ids().iter().any(|n| n == node)).then(|| node.to_owned())
+}
+
+/// The code the controller answers for a call on `id` where the all-in-one driver answers
+/// `code`: the same, except UNAVAILABLE in a split cluster for an ID of a node that is not
+/// registered (the cluster's documented answer: that node may just be down).
+fn unavailable_or(driver: &Driver, id: &str, code: Code) -> Code {
+    if unregistered_node_of(driver, id).is_some() {
+        Code::Unavailable
+    } else {
+        code
+    }
+}
+
+/// A controller call that answers OK for an unknown ID all-in-one (DeleteVolume,
+/// DeleteSnapshot, ListSnapshots by ID): OK, or in a split cluster UNAVAILABLE for an ID of a
+/// node that is not registered. Answers the response when OK.
+#[track_caller]
+fn expect_ok_for_id<T: std::fmt::Debug>(
+    driver: &Driver,
+    id: &str,
+    result: Result<tonic::Response<T>, tonic::Status>,
+    what: &str,
+) -> Option<T> {
+    match unregistered_node_of(driver, id) {
+        Some(node) => {
+            let status = expect_code(result, Code::Unavailable, &format!("{what} (split: node {node} unregistered)"));
+            assert_message_mentions(&status, &node, what);
+            None
+        }
+        None => Some(expect_ok(result, what)),
+    }
 }
 
 fn plugin_name_is_valid(name: &str) -> bool {
@@ -819,22 +909,21 @@ async fn topology_requirements(family: &Family) {
         steps::delete_volume(&driver, &vol).await;
     }
     let before = data_files(&driver);
-    for (what, request) in [
-        ("requisite = another node only", requirement(vec![other.clone()], vec![])),
+    // A split cluster cannot tell a node that does not exist from one that is down: a
+    // requisite naming only nodes that are not registered is UNAVAILABLE (retried by the CO)
+    // rather than a final refusal.
+    let another_node_only: &[Code] =
+        if driver.is_split() { &[Code::Unavailable] } else { &[Code::ResourceExhausted, Code::InvalidArgument] };
+    for (what, request, codes) in [
+        ("requisite = another node only", requirement(vec![other.clone()], vec![]), another_node_only),
         (
             "requisite = an unknown topology key only",
             requirement(vec![Topology { segments: HashMap::from([("zone".to_owned(), "z1".to_owned())]) }], vec![]),
+            &[Code::ResourceExhausted, Code::InvalidArgument],
         ),
     ] {
         // The spec: the SP MUST fail when it cannot provision in any requisite topology.
-        refused_create(
-            &driver,
-            &mut m,
-            request,
-            &[Code::ResourceExhausted, Code::InvalidArgument],
-            &format!("CreateVolume with {what}"),
-        )
-        .await;
+        refused_create(&driver, &mut m, request, codes, &format!("CreateVolume with {what}")).await;
     }
     assert_data_files_unchanged(&driver, &before, "CreateVolume outside our topology");
     m.assert_none();
@@ -873,7 +962,9 @@ async fn delete_volume_rules(family: &Family) {
     ids.extend(malformed_volume_ids(family, driver.node_id()));
     for id in ids {
         for round in 0..2 {
-            expect_ok(
+            expect_ok_for_id(
+                &driver,
+                &id,
                 driver
                     .controller()
                     .delete_volume(DeleteVolumeRequest { volume_id: id.clone(), secrets: HashMap::new() })
@@ -971,19 +1062,29 @@ async fn controller_publish_rules(family: &Family) {
         cases.push(("an unknown volume", r, &[Code::NotFound]));
         let mut r = valid.clone();
         r.volume_id = format!("{}.vol:some-other-node:abc", family.id_tag);
-        cases.push(("a volume ID of another node", r, &[Code::NotFound]));
+        let code: &[Code] = if driver.is_split() { &[Code::Unavailable] } else { &[Code::NotFound] };
+        cases.push(("a volume ID of another node", r, code));
         let mut r = valid.clone();
         r.node_id = "no-such-node".to_owned();
-        cases.push(("an unknown node", r, &[Code::NotFound]));
+        // A split cluster cannot tell a node that does not exist from one that is down; a
+        // local volume cannot be attached to any node but its own either way.
+        let code: &[Code] = if driver.is_split() { &[Code::FailedPrecondition] } else { &[Code::NotFound] };
+        cases.push(("an unknown node", r, code));
         let mut r = valid.clone();
         r.volume_capability = Some(capability(access, Mode::MultiNodeMultiWriter));
         cases.push(("an unsupported access mode", r, &[Code::InvalidArgument, Code::FailedPrecondition]));
         for (what, request, codes) in cases {
-            m.code(
-                driver.controller().controller_publish_volume(request).await,
-                codes,
-                &format!("ControllerPublishVolume {label} with {what}"),
-            );
+            let to_unknown_node = request.node_id == "no-such-node";
+            let result = driver.controller().controller_publish_volume(request).await;
+            if let (true, Err(status)) = (driver.is_split() && to_unknown_node, &result) {
+                m.check(
+                    status.message().contains(&node) && status.message().contains("no-such-node"),
+                    format!(
+                        "ControllerPublishVolume {label} with {what}: the message must name both nodes: {status:?}"
+                    ),
+                );
+            }
+            m.code(result, codes, &format!("ControllerPublishVolume {label} with {what}"));
         }
 
         steps::controller_publish(&driver, &mut vol).await;
@@ -1115,7 +1216,7 @@ async fn validate_volume_capabilities_rules(family: &Family) {
             r.volume_id = id.clone();
             m.code(
                 driver.controller().validate_volume_capabilities(r).await,
-                &[Code::NotFound],
+                &[unavailable_or(&driver, &id, Code::NotFound)],
                 &format!("ValidateVolumeCapabilities of {:?}", short(&id)),
             );
         }
@@ -1318,7 +1419,7 @@ async fn snapshot_rules(family: &Family) {
     for id in &ids {
         let mut r = a.snapshot_request(&unique_name("snapshot", "badsource"));
         r.source_volume_id = id.clone();
-        cases.push(("an unknown or malformed source volume", r, Code::NotFound));
+        cases.push(("an unknown or malformed source volume", r, unavailable_or(&driver, id, Code::NotFound)));
     }
     for (what, request, code) in cases {
         let source = short(&request.source_volume_id);
@@ -1348,7 +1449,7 @@ async fn snapshot_rules(family: &Family) {
                 .controller()
                 .get_snapshot(GetSnapshotRequest { snapshot_id: id.clone(), secrets: HashMap::new() })
                 .await,
-            &[Code::NotFound],
+            &[unavailable_or(&driver, id, Code::NotFound)],
             &format!("GetSnapshot of {:?}", short(id)),
         );
     }
@@ -1359,6 +1460,15 @@ async fn snapshot_rules(family: &Family) {
     assert_eq!(list_snapshots(&driver, by_source(&a.id), "ListSnapshots by source").await, vec![one.clone()]);
     assert!(list_snapshots(&driver, by_source(&b.id), "ListSnapshots by a source without snapshots").await.is_empty());
     for id in &bad_snapshots {
+        if unregistered_node_of(&driver, id).is_some() {
+            expect_ok_for_id(
+                &driver,
+                id,
+                driver.controller().list_snapshots(by_id(id)).await,
+                "ListSnapshots by a snapshot id of an unregistered node",
+            );
+            continue;
+        }
         assert!(
             list_snapshots(&driver, by_id(id), "ListSnapshots by an unknown snapshot id").await.is_empty(),
             "ListSnapshots by unknown id {:?} must answer an empty list",
@@ -1430,7 +1540,9 @@ async fn snapshot_rules(family: &Family) {
         "DeleteSnapshot without snapshot_id",
     );
     for id in &bad_snapshots {
-        expect_ok(
+        expect_ok_for_id(
+            &driver,
+            id,
             driver.controller().delete_snapshot(requests::delete_snapshot_request(id)).await,
             &format!("DeleteSnapshot of unknown or malformed {:?}", short(id)),
         );
@@ -1580,7 +1692,7 @@ async fn create_from_source_rules(family: &Family) {
                 &driver,
                 &mut m,
                 from(snapshot_source(id), size, 0),
-                &[Code::NotFound],
+                &[unavailable_or(&driver, id, Code::NotFound)],
                 &format!("CreateVolume {label} from missing snapshot {:?}", short(id)),
             )
             .await;
@@ -1592,7 +1704,7 @@ async fn create_from_source_rules(family: &Family) {
                 &driver,
                 &mut m,
                 from(volume_source(id), size, 0),
-                &[Code::NotFound],
+                &[unavailable_or(&driver, id, Code::NotFound)],
                 &format!("CreateVolume {label} from missing volume {:?}", short(id)),
             )
             .await;
@@ -1695,8 +1807,9 @@ async fn controller_expand_rules(family: &Family) {
         ids.extend(malformed_volume_ids(family, &node));
         for id in ids {
             let mut r = vol.controller_expand_request(grown);
+            let code = unavailable_or(&driver, &id, Code::NotFound);
             r.volume_id = id;
-            cases.push(("an unknown or malformed volume", r, vec![Code::NotFound]));
+            cases.push(("an unknown or malformed volume", r, vec![code]));
         }
         for (what, request, codes) in cases {
             let id = short(&request.volume_id);
@@ -2522,9 +2635,14 @@ async fn path_escape_ids_are_not_found(family: &Family) {
     for (n, id) in volume_ids.iter().enumerate() {
         let label = short(id);
         let not_found = |what: &str| format!("{what} of volume {label:?}");
+        // What the controller answers (UNAVAILABLE in a split cluster for an ID of a node
+        // that is not registered); the node service judges IDs locally either way.
+        let controller_code = unavailable_or(&driver, id, Code::NotFound);
         let mut controller = driver.controller();
         let mut node_client = driver.node();
-        expect_ok(
+        expect_ok_for_id(
+            &driver,
+            id,
             controller.delete_volume(DeleteVolumeRequest { volume_id: id.clone(), secrets: HashMap::new() }).await,
             &not_found("DeleteVolume (unknown IDs answer OK)"),
         );
@@ -2537,20 +2655,21 @@ async fn path_escape_ids_are_not_found(family: &Family) {
                     ..Default::default()
                 })
                 .await,
-            &[Code::NotFound],
+            &[controller_code],
             &not_found("ControllerPublishVolume"),
         );
-        expect_ok_or(
-            controller
-                .controller_unpublish_volume(ControllerUnpublishVolumeRequest {
-                    volume_id: id.clone(),
-                    node_id: node.clone(),
-                    ..Default::default()
-                })
-                .await,
-            &[Code::NotFound],
-            &not_found("ControllerUnpublishVolume"),
-        );
+        let unpublished = controller
+            .controller_unpublish_volume(ControllerUnpublishVolumeRequest {
+                volume_id: id.clone(),
+                node_id: node.clone(),
+                ..Default::default()
+            })
+            .await;
+        if controller_code == Code::Unavailable {
+            m.code(unpublished, &[Code::Unavailable], &not_found("ControllerUnpublishVolume"));
+        } else {
+            expect_ok_or(unpublished, &[Code::NotFound], &not_found("ControllerUnpublishVolume"));
+        }
         m.code(
             controller
                 .validate_volume_capabilities(ValidateVolumeCapabilitiesRequest {
@@ -2559,12 +2678,12 @@ async fn path_escape_ids_are_not_found(family: &Family) {
                     ..Default::default()
                 })
                 .await,
-            &[Code::NotFound],
+            &[controller_code],
             &not_found("ValidateVolumeCapabilities"),
         );
         m.code(
             controller.controller_get_volume(ControllerGetVolumeRequest { volume_id: id.clone() }).await,
-            &[Code::NotFound],
+            &[controller_code],
             &not_found("ControllerGetVolume"),
         );
         m.code(
@@ -2575,7 +2694,7 @@ async fn path_escape_ids_are_not_found(family: &Family) {
                     ..Default::default()
                 })
                 .await,
-            &[Code::NotFound],
+            &[controller_code],
             &not_found("ControllerExpandVolume"),
         );
         refused_snapshot(
@@ -2586,13 +2705,13 @@ async fn path_escape_ids_are_not_found(family: &Family) {
                 name: format!("snapshot-escape-{n}"),
                 ..Default::default()
             },
-            &[Code::NotFound],
+            &[controller_code],
             &not_found("CreateSnapshot"),
         )
         .await;
         let mut clone = create_request(family, &format!("pvc-escape-{n}"), access, fs.small_bytes());
         clone.volume_content_source = volume_source(id);
-        refused_create(&driver, &mut m, clone, &[Code::NotFound], &not_found("CreateVolume cloned")).await;
+        refused_create(&driver, &mut m, clone, &[controller_code], &not_found("CreateVolume cloned")).await;
         let listed = expect_ok(
             controller
                 .list_snapshots(ListSnapshotsRequest { source_volume_id: id.clone(), ..Default::default() })
@@ -2673,24 +2792,31 @@ async fn path_escape_ids_are_not_found(family: &Family) {
     }
     for (n, id) in snapshot_ids.iter().enumerate() {
         let label = short(id);
+        let controller_code = unavailable_or(&driver, id, Code::NotFound);
         let mut controller = driver.controller();
-        expect_ok(
+        expect_ok_for_id(
+            &driver,
+            id,
             controller.delete_snapshot(requests::delete_snapshot_request(id)).await,
             &format!("DeleteSnapshot of {label:?} (unknown IDs answer OK)"),
         );
         m.code(
             controller.get_snapshot(GetSnapshotRequest { snapshot_id: id.clone(), secrets: HashMap::new() }).await,
-            &[Code::NotFound],
+            &[controller_code],
             &format!("GetSnapshot of {label:?}"),
         );
-        let listed = expect_ok(
-            controller.list_snapshots(ListSnapshotsRequest { snapshot_id: id.clone(), ..Default::default() }).await,
+        let by_id = ListSnapshotsRequest { snapshot_id: id.clone(), ..Default::default() };
+        if let Some(listed) = expect_ok_for_id(
+            &driver,
+            id,
+            controller.list_snapshots(by_id).await,
             &format!("ListSnapshots by id {label:?}"),
-        );
-        assert!(listed.entries.is_empty(), "ListSnapshots by id {label:?} listed something");
+        ) {
+            assert!(listed.entries.is_empty(), "ListSnapshots by id {label:?} listed something");
+        }
         let mut restore = create_request(family, &format!("pvc-escape-snap-{n}"), access, fs.small_bytes());
         restore.volume_content_source = snapshot_source(id);
-        refused_create(&driver, &mut m, restore, &[Code::NotFound], &format!("CreateVolume restored from {label:?}"))
+        refused_create(&driver, &mut m, restore, &[controller_code], &format!("CreateVolume restored from {label:?}"))
             .await;
     }
 

@@ -19,6 +19,15 @@ ferrovol_e2e::family_tests!(loop_family => ferrovol_e2e::Family::loop_family();
     offline_expansion,
 );
 
+// The same lifecycles against a split cluster (a controller and three node agents over
+// mutual TLS; the driver view is node 0, to which requests pin new volumes).
+ferrovol_e2e::family_tests!(split_loop => ferrovol_e2e::Family::loop_family().split(3);
+    kubernetes_order_mount,
+    clone_from_volume,
+    block_mode,
+    offline_expansion,
+);
+
 #[cfg(feature = "lvm-tests")]
 ferrovol_e2e::family_tests!([
     in_vm_lvm_linear => ferrovol_e2e::Family::lvm_linear(),

@@ -257,10 +257,17 @@ impl Inner {
         }
         let image = self.store.volume_image(Shelf::Volumes, id.local());
         if let Some(dev) = loopdev::find_by_backing(&image).map_err(|e| io_err("list loop devices", id, e))? {
-            return Err(Error::precondition(
-                format!("volume {id}"),
-                format!("it is still attached as {}", dev.path().display()),
-            ));
+            // Right after NodeUnstageVolume the device may still be held for a moment (udev
+            // probes it after the unmount), so its detach is pending: wait that out briefly.
+            let released = loopdev::autoclear(&dev)
+                && loopdev::wait_released(&image, std::time::Duration::from_secs(3))
+                    .map_err(|e| io_err("list loop devices", id, e))?;
+            if !released {
+                return Err(Error::precondition(
+                    format!("volume {id}"),
+                    format!("it is still attached as {}", dev.path().display()),
+                ));
+            }
         }
         if !rec.published_nodes.is_empty() {
             return Err(Error::precondition(

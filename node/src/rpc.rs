@@ -42,7 +42,13 @@ pub async fn call<T>(
             }
             Err(e) => {
                 let status = Status::from(e);
-                tracing::warn!(ms, code = ?status.code(), error = %status.message(), "failed");
+                // A query for something that does not exist is an answer, not a fault (the
+                // controller asks every node whether it holds a name before placing it).
+                if noise == Noise::Query && status.code() == tonic::Code::NotFound {
+                    tracing::debug!(ms, code = ?status.code(), error = %status.message(), "not found");
+                } else {
+                    tracing::warn!(ms, code = ?status.code(), error = %status.message(), "failed");
+                }
                 Err(status)
             }
         }

@@ -373,6 +373,28 @@ pub fn find_by_backing(image: &Path) -> io::Result<Option<LoopDevice>> {
         .map(|(device, _)| device))
 }
 
+/// Whether the device is marked to release its image at its last close
+/// (`/sys/block/loopN/loop/autoclear`). We attach without autoclear, so on our devices this
+/// means a detach was asked for while someone still held the device open (udev's probe after
+/// an unmount, typically) and the release is pending.
+pub fn autoclear(dev: &LoopDevice) -> bool {
+    fs::read_to_string(dev.sysfs_dir().join("loop/autoclear")).is_ok_and(|s| s.trim() == "1")
+}
+
+/// Waits up to `patience` for the image's pending release (see [`autoclear`]): true when no
+/// writable device serves the image any more.
+pub fn wait_released(image: &Path, patience: std::time::Duration) -> io::Result<bool> {
+    let deadline = std::time::Instant::now() + patience;
+    loop {
+        match find_by_backing(image)? {
+            None => return Ok(true),
+            Some(dev) if !autoclear(&dev) => return Ok(false),
+            Some(_) if std::time::Instant::now() >= deadline => return Ok(false),
+            Some(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
+        }
+    }
+}
+
 /// Whether the device was attached read-only (`/sys/block/loopN/ro`). Read-only devices are
 /// extra views of an image (read-only raw block publications), never its staged device, so
 /// [`find_by_backing`] skips them.
