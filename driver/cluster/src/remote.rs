@@ -62,7 +62,10 @@ impl RemoteAgent {
     fn failed(&self, status: tonic::Status) -> Error {
         let code = Code::from_tonic(status.code());
         let message = match status.code() {
-            tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled | tonic::Code::Unknown => {
+            tonic::Code::Unavailable
+            | tonic::Code::DeadlineExceeded
+            | tonic::Code::Cancelled
+            | tonic::Code::Unknown => {
                 format!("the node agent at {} is unavailable: {}", self.address, status.message())
             }
             tonic::Code::PermissionDenied | tonic::Code::Unauthenticated => {
