@@ -28,10 +28,13 @@ ferrovol_e2e::family_tests!(split_loop => ferrovol_e2e::Family::loop_family().sp
     offline_expansion,
 );
 
+// In the VM also split: a controller and three node agents sharing the test VG, so LVM goes
+// through the agent API and the controller's placement too.
 #[cfg(feature = "lvm-tests")]
 ferrovol_e2e::family_tests!([
     in_vm_lvm_linear => ferrovol_e2e::Family::lvm_linear(),
     in_vm_lvm_thin => ferrovol_e2e::Family::lvm_thin(),
+    in_vm_split_lvm_thin => ferrovol_e2e::Family::lvm_thin().split(3),
 ];
     kubernetes_order_mount,
     clone_from_volume,
