@@ -9,6 +9,7 @@ mod client;
 mod endpoint;
 mod identity;
 mod logging;
+mod metrics;
 mod serve;
 
 use std::path::PathBuf;
@@ -102,6 +103,10 @@ struct RunArgs {
     /// considered down after five missed ones.
     #[arg(long, default_value_t = 2.0)]
     heartbeat_interval: f64,
+    /// Where to serve Prometheus metrics (/metrics) and a health check (/healthz) over plain
+    /// HTTP, IP:PORT (e.g. 0.0.0.0:9472). Off unless given; see docs/METRICS.md.
+    #[arg(long, env = "FERROVOL_METRICS_LISTEN")]
+    metrics_listen: Option<std::net::SocketAddr>,
     /// Log format.
     #[arg(long, value_enum, default_value_t = logging::Format::Text)]
     log_format: logging::Format,
@@ -184,6 +189,7 @@ async fn run(args: RunArgs) -> ExitCode {
         thin_pool_full_percent: args.thin_pool_full_percent,
         roles,
         cluster,
+        metrics_listen: args.metrics_listen,
     };
     match serve::run(cfg).await {
         Ok(()) => ExitCode::SUCCESS,

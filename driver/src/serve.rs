@@ -11,6 +11,9 @@
 //!
 //! A node reconciles in the background (Node and agent calls answer UNAVAILABLE until it is
 //! done; Probe says not ready).
+//!
+//! Every role also serves `/metrics` and `/healthz` on `--metrics-listen` when it is given
+//! (crate::metrics).
 
 use std::io;
 use std::net::SocketAddr;
@@ -38,6 +41,7 @@ use ferrovol_node::lvm::cli::LvmCli;
 use ferrovol_node::lvm::groups::VolumeGroups;
 use ferrovol_node::lvm::names::VgName;
 use ferrovol_node::lvm::tags;
+use ferrovol_node::metrics::Metrics;
 use ferrovol_node::service::NodeService;
 use ferrovol_node::stage::NodeOps;
 use ferrovol_node::store::LoopStore;
@@ -67,6 +71,8 @@ pub struct RunConfig {
     pub roles: Roles,
     /// The cluster settings of the split roles; `None` in all-in-one mode.
     pub cluster: Option<ClusterConfig>,
+    /// Where to serve /metrics and /healthz over plain HTTP; `None` serves neither.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// Which services this process serves.
@@ -107,6 +113,8 @@ pub enum StartError {
     Tls(String),
     #[error("cluster: {0}")]
     Cluster(String),
+    #[error("--metrics-listen {addr}: {source}")]
+    Metrics { addr: SocketAddr, source: io::Error },
     #[error("serving failed: {0}")]
     Serve(#[from] tonic::transport::Error),
 }
@@ -117,6 +125,9 @@ struct NodeParts {
     ops: NodeOps,
     agent: FamilyAgents,
     lvm_agent: Option<LvmAgent>,
+    /// For the metrics: the loop family's space ledger and the served LVM volume groups.
+    ledger: Arc<SpaceLedger>,
+    lvm_groups: Option<Arc<VolumeGroups>>,
 }
 
 fn build_node(cfg: &RunConfig) -> Result<NodeParts, StartError> {
@@ -136,20 +147,47 @@ fn build_node(cfg: &RunConfig) -> Result<NodeParts, StartError> {
         cfg.node_id.clone(),
         store.clone(),
         inflight.clone(),
-        ledger,
+        Arc::clone(&ledger),
         Arc::new(SystemRunner),
         Arc::new(SystemKernel),
         roots,
     );
-    let lvm_agent = match lvm_groups(cfg)? {
+    let lvm_groups = lvm_groups(cfg)?;
+    let lvm_agent = match &lvm_groups {
         Some(groups) => {
-            ops = ops.with_lvm(Arc::clone(&groups));
-            Some(LvmAgent::new(cfg.node_id.clone(), groups, store.clone(), inflight))
+            ops = ops.with_lvm(Arc::clone(groups));
+            Some(LvmAgent::new(cfg.node_id.clone(), Arc::clone(groups), store.clone(), inflight))
         }
         None => None,
     };
     let agent = FamilyAgents::new(loop_agent, lvm_agent.clone());
-    Ok(NodeParts { store, ops, agent, lvm_agent })
+    Ok(NodeParts { store, ops, agent, lvm_agent, ledger, lvm_groups })
+}
+
+/// Adds the node's capacity collectors to `metrics`.
+fn watch_node(metrics: &mut Metrics, parts: &NodeParts) {
+    metrics.watch_loop(parts.store.clone(), Arc::clone(&parts.ledger));
+    if let Some(groups) = &parts.lvm_groups {
+        metrics.watch_lvm(Arc::clone(groups));
+    }
+}
+
+/// Starts the /metrics and /healthz endpoint when `--metrics-listen` asks for one.
+async fn start_metrics<S, F>(
+    cfg: &RunConfig,
+    metrics: Metrics,
+    ready: &Arc<AtomicBool>,
+    stopped: S,
+) -> Result<Option<tokio::task::JoinHandle<()>>, StartError>
+where
+    S: Fn() -> F + Send + 'static,
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    let Some(addr) = cfg.metrics_listen else { return Ok(None) };
+    crate::metrics::start(addr, metrics, Arc::clone(ready), stopped)
+        .await
+        .map(Some)
+        .map_err(|source| StartError::Metrics { addr, source })
 }
 
 /// Reconciles the node in the background, sets `ready`, then runs `after` (registration).
@@ -225,9 +263,14 @@ pub async fn run(cfg: RunConfig) -> Result<(), StartError> {
     let ready = Arc::new(AtomicBool::new(false));
     let identity =
         csi::identity_server::IdentityServer::new(IdentityService::new(cfg.driver_name.clone(), Arc::clone(&ready)));
+    let mut metrics = Metrics::new(env!("CARGO_PKG_VERSION"));
+    // The metrics endpoint's task, joined once the gRPC servers have stopped.
+    let web;
     match cfg.roles {
         Roles::AllInOne => {
             let parts = build_node(&cfg)?;
+            watch_node(&mut metrics, &parts);
+            web = start_metrics(&cfg, metrics, &ready, stopped.clone()).await?;
             let controller = csi::controller_server::ControllerServer::with_interceptor(
                 ControllerService::new(Arc::new(parts.agent.clone())),
                 gate(&ready),
@@ -246,6 +289,13 @@ pub async fn run(cfg: RunConfig) -> Result<(), StartError> {
             let tls = tls_material(cluster, Role::Controller)?;
             let registry =
                 Registry::new(Timing::from_heartbeat(cluster.heartbeat_interval), tls.client_config(Role::Node));
+            let live = registry.clone();
+            metrics.gauge_fn(
+                "ferrovol_cluster_nodes_registered",
+                "Node agents registered with this controller whose lease has not expired",
+                move || i64::try_from(live.live_nodes().len()).unwrap_or(i64::MAX),
+            );
+            web = start_metrics(&cfg, metrics, &ready, stopped.clone()).await?;
             let sweeper = registry.clone();
             let sweep_every = cluster.heartbeat_interval;
             tokio::spawn(async move {
@@ -290,6 +340,8 @@ pub async fn run(cfg: RunConfig) -> Result<(), StartError> {
                 }
             };
             let parts = build_node(&cfg)?;
+            watch_node(&mut metrics, &parts);
+            web = start_metrics(&cfg, metrics, &ready, stopped.clone()).await?;
             let node = csi::node_server::NodeServer::with_interceptor(
                 NodeService::new(parts.ops.clone(), cfg.max_volumes),
                 gate(&ready),
@@ -335,6 +387,9 @@ pub async fn run(cfg: RunConfig) -> Result<(), StartError> {
             a?;
             b?;
         }
+    }
+    if let Some(web) = web {
+        let _ = web.await;
     }
     tracing::info!("stopped");
     Ok(())

@@ -8,6 +8,7 @@ pub mod fs;
 pub mod kernel;
 pub mod ledger;
 pub mod lvm;
+pub mod metrics;
 pub mod reconcile;
 pub mod rpc;
 pub mod service;

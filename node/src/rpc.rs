@@ -1,15 +1,17 @@
 //! The one wrapper every CSI RPC goes through: a tracing span named after the method with
-//! the volume (or snapshot) it concerns, one log line with the outcome and duration, and
-//! the conversion of core errors into gRPC statuses. Requests themselves are never logged:
+//! the volume (or snapshot) it concerns, one log line with the outcome and duration, the
+//! RPC's count and latency in the process metrics (crate::metrics), and the conversion of
+//! core errors into gRPC statuses. Requests themselves are never logged:
 //! prost's derived Debug would print their `secrets` maps.
 
 use std::future::Future;
-use std::time::Instant;
 
 use ferrovol_core::error::Result;
 use ferrovol_core::ids::printable;
 use tonic::{Response, Status};
 use tracing::Instrument;
+
+use crate::metrics::RpcTimer;
 
 /// How loudly an RPC's outcome is logged when it succeeds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,11 +31,13 @@ pub async fn call<T>(
 ) -> Result<Response<T>, Status> {
     let span = tracing::info_span!("rpc", method, object = %printable(object));
     async move {
-        let start = Instant::now();
+        // Records CANCELLED if this future is dropped before the body ends.
+        let timer = RpcTimer::start(method);
         let result = body.await;
-        let ms = start.elapsed().as_secs_f64() * 1000.0;
+        let ms = timer.elapsed().as_secs_f64() * 1000.0;
         match result {
             Ok(v) => {
+                timer.finish(tonic::Code::Ok);
                 match noise {
                     Noise::Change => tracing::info!(ms, "ok"),
                     Noise::Query => tracing::debug!(ms, "ok"),
@@ -42,6 +46,7 @@ pub async fn call<T>(
             }
             Err(e) => {
                 let status = Status::from(e);
+                timer.finish(status.code());
                 // A query for something that does not exist is an answer, not a fault (the
                 // controller asks every node whether it holds a name before placing it).
                 if noise == Noise::Query && status.code() == tonic::Code::NotFound {
