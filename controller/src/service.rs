@@ -542,7 +542,12 @@ impl csi::controller_server::Controller for ControllerService {
         call("ControllerExpandVolume", &r.volume_id, Noise::Change, async {
             required("volume_id", &r.volume_id)?;
             let c = r.capacity_range.as_ref().ok_or_else(|| Error::invalid("capacity_range", "is required"))?;
-            let range = CapacityRange::from_request(c.required_bytes, c.limit_bytes)?;
+            let range = CapacityRange::from_request(c.required_bytes, c.limit_bytes).map_err(|e| match e {
+                Error::CapacityOutOfRange { reason, .. } => {
+                    Error::CapacityOutOfRange { volume: printable(&r.volume_id), reason }
+                }
+                other => other,
+            })?;
             let block = match &r.volume_capability {
                 Some(c) => {
                     let cap = convert::capability("volume_capability", c)?;

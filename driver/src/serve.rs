@@ -317,9 +317,10 @@ pub async fn run(cfg: RunConfig) -> Result<(), StartError> {
                 .add_service(RegistryServer::with_interceptor(registry.grpc(), role_interceptor(Role::Node)))
                 .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopped());
             tracing::info!(endpoint = %cfg.endpoint, cluster = %cluster.listen, driver = %cfg.driver_name, "serving the controller role");
-            let (a, b) = tokio::join!(serve_csi(router, &cfg.endpoint, stopped()), registry_server);
-            a?;
-            b?;
+            // Either server failing (the socket in use, say) stops the process at once.
+            tokio::try_join!(serve_csi(router, &cfg.endpoint, stopped()), async {
+                registry_server.await.map_err(StartError::from)
+            })?;
         }
         Roles::Node => {
             let cluster = cluster_config(&cfg)?;
@@ -383,9 +384,10 @@ pub async fn run(cfg: RunConfig) -> Result<(), StartError> {
                 })),
             );
             tracing::info!(endpoint = %cfg.endpoint, node = %cfg.node_id, cluster = %cluster.listen, advertise = %advertise, controller = %controller_address, data_dir = %parts.store.root().display(), driver = %cfg.driver_name, "serving the node role");
-            let (a, b) = tokio::join!(serve_csi(router, &cfg.endpoint, stopped()), agent_server);
-            a?;
-            b?;
+            // Either server failing (the socket in use, say) stops the process at once.
+            tokio::try_join!(serve_csi(router, &cfg.endpoint, stopped()), async {
+                agent_server.await.map_err(StartError::from)
+            })?;
         }
     }
     if let Some(web) = web {

@@ -1,6 +1,7 @@
 //! What only the LVM families have: parameters naming volume groups and thin pools, LVs
 //! that are not ours left alone, extent rounding, thin-pool exhaustion refused and
-//! reported, and half-made LVs of a killed driver cleaned up at start-up. Runs inside the
+//! reported, half-made LVs of a killed driver cleaned up and frozen filesystems thawed at
+//! start-up. Runs inside the
 //! test VM (real device-mapper); `scripts/test` starts it there.
 #![cfg(feature = "lvm-tests")]
 #![allow(clippy::unwrap_used)]
@@ -201,4 +202,29 @@ async fn in_vm_lvm_names_are_one_namespace_across_families() {
     expect_code(driver.controller().create_volume(req).await, Code::AlreadyExists, "same name, other family");
     delete(&driver, &vol.volume_id).await;
     linear.assert_no_leftover_storage(&driver);
+}
+
+/// A driver killed while an LVM volume's filesystem is frozen (a linear snapshot or a clone
+/// copies from a frozen source) leaves it frozen; start-up thaws it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn in_vm_lvm_frozen_filesystem_is_thawed_at_start_up() {
+    let family = Family::lvm_linear();
+    let mut driver = Driver::start(&family, DriverOptions::default()).await;
+    let name = unique_name("pvc", "frozen");
+    let access = Access::Mount(FsType::Ext4);
+    let mut vol = steps::create_simple(&family, &driver, &name, access, 16 * MIB).await;
+    steps::controller_publish(&driver, &mut vol).await;
+    let staging = driver.staging_dir(&name);
+    steps::stage(&driver, &vol, &staging).await;
+    // As if the driver had been killed in the middle of copying from the volume.
+    driver.kill_9();
+    let frozen = std::process::Command::new("fsfreeze").arg("--freeze").arg(&staging).status().unwrap();
+    assert!(frozen.success(), "fsfreeze --freeze {}", staging.display());
+    driver.restart().await;
+    data::assert_writable_within(&staging, Duration::from_secs(10), "the staged volume after start-up");
+    assert!(driver.log_text().contains("thawed volume"), "start-up did not report the thaw");
+    steps::unstage(&driver, &vol, &staging).await;
+    steps::controller_unpublish(&driver, &vol).await;
+    delete(&driver, &vol.id).await;
+    family.assert_no_leftover_storage(&driver);
 }

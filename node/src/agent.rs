@@ -192,8 +192,8 @@ impl Inner {
                     return Err(Error::CapacityOutOfRange {
                         volume: id.to_string(),
                         reason: format!(
-                            "the content source holds {src} bytes, above limit_bytes {:?}",
-                            req.capacity.limit
+                            "the content source holds {src} bytes, above limit_bytes {}",
+                            req.capacity.limit.unwrap_or_default()
                         ),
                     });
                 }

@@ -400,7 +400,20 @@ impl Inner {
                     continue;
                 }
             };
-            if !staged.block && (!staged.path.is_dir() || self.is_mounted_path(&staged.path).unwrap_or(true)) {
+            if !staged.block && !staged.path.is_dir() {
+                continue;
+            }
+            if !staged.block && self.is_mounted_path(&staged.path).unwrap_or(true) {
+                // Still mounted: a process killed while it copied from this volume (a linear
+                // snapshot or a clone) may have left its filesystem frozen.
+                match crate::sys::freeze::thaw_if_frozen(&staged.path) {
+                    Ok(true) => notes.push(format!(
+                        "thawed volume {id} at {}, left frozen by an interrupted copy",
+                        staged.path.display()
+                    )),
+                    Ok(false) => {}
+                    Err(e) => notes.push(format!("thawing volume {id} at {} failed: {e}", staged.path.display())),
+                }
                 continue;
             }
             if staged.block && vol.backing_path().exists() {

@@ -614,9 +614,9 @@ impl Inner {
             return Err(Error::CapacityOutOfRange {
                 volume: id.to_string(),
                 reason: format!(
-                    "{size} bytes (whole extents of {extent} bytes{}) is above limit_bytes {:?}",
+                    "{size} bytes (whole extents of {extent} bytes{}) is above limit_bytes {}",
                     if src_size.is_some() { ", at least the content source's size" } else { "" },
-                    req.capacity.limit
+                    req.capacity.limit.unwrap_or_default()
                 ),
             });
         }
