@@ -30,11 +30,16 @@ impl FamilyAgents {
         match family {
             Family::Loop => Some(&self.loop_agent),
             Family::Lvm => self.lvm.as_ref().map(|a| a as &dyn NodeAgent),
+            // S3 volumes belong to no node: the controller serves them itself.
+            Family::S3 => None,
         }
     }
 
     fn not_served(&self, family: Family) -> String {
-        format!("the {} family is not enabled on node {} (see --lvm-volume-group)", family.as_str(), self.node)
+        match family {
+            Family::S3 => "s3 volumes are served by the controller, not by a node agent".into(),
+            _ => format!("the {} family is not enabled on node {} (see --lvm-volume-group)", family.as_str(), self.node),
+        }
     }
 
     fn volume_agent(&self, id: &VolumeId) -> Result<&dyn NodeAgent> {

@@ -26,6 +26,10 @@ pub enum Family {
     Loop,
     /// A logical volume in an LVM volume group, linear or thin (`type: lvm` / `lvm-thin`).
     Lvm,
+    /// Objects under a prefix of an S3 bucket, mounted through our FUSE filesystem
+    /// (`type: s3`). Its IDs carry the bucket where other families carry the node:
+    /// `s3.vol:<bucket>:<local>`.
+    S3,
 }
 
 impl Family {
@@ -34,6 +38,7 @@ impl Family {
         match self {
             Family::Loop => "loop",
             Family::Lvm => "lvm",
+            Family::S3 => "s3",
         }
     }
 
@@ -41,6 +46,7 @@ impl Family {
         match s {
             "loop" => Some(Family::Loop),
             "lvm" => Some(Family::Lvm),
+            "s3" => Some(Family::S3),
             _ => None,
         }
     }

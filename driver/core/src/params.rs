@@ -14,13 +14,20 @@ pub const CO_PREFIX: &str = "csi.storage.k8s.io/";
 /// Every parameter key the driver accepts, with what it means. deploy/ examples and docs
 /// are checked against this list.
 pub const KNOWN_PARAMETERS: &[(&str, &str)] = &[
-    ("type", "storage family: `loop` (the default), `lvm` (linear logical volumes) or `lvm-thin` (thin volumes)"),
+    (
+        "type",
+        "storage family: `loop` (the default), `lvm` (linear logical volumes), `lvm-thin` (thin volumes) or `s3` (a bucket or a prefix of one, mounted through FUSE)",
+    ),
     ("fsType", "filesystem for mount volumes: `ext4` (the default) or `xfs`"),
     ("volumeGroup", "`lvm` and `lvm-thin`: the LVM volume group to allocate from (required)"),
     ("thinPool", "`lvm-thin`: the thin pool in `volumeGroup` (required)"),
     (
         "thinPoolOverprovisionRatio",
         "`lvm-thin`: how many times its size the pool may promise in virtual sizes, e.g. `2` or `2.5` (default 2)",
+    ),
+    (
+        "bucket",
+        "`s3`: an existing bucket that holds each volume under its own prefix; without it every volume gets a bucket of its own",
     ),
 ];
 
@@ -40,6 +47,14 @@ pub struct LvmParams {
     pub overprovision_milli: u32,
 }
 
+/// Where an `s3` volume goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct S3Params {
+    /// An existing bucket shared by volumes (each under its own prefix); `None`: a bucket
+    /// per volume, made by CreateVolume and removed by DeleteVolume.
+    pub bucket: Option<String>,
+}
+
 /// Parsed StorageClass parameters of a new volume.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VolumeParams {
@@ -47,6 +62,8 @@ pub struct VolumeParams {
     pub fs_type: FsType,
     /// Where an `lvm` / `lvm-thin` volume goes; `None` for other families.
     pub lvm: Option<LvmParams>,
+    /// Where an `s3` volume goes; `None` for other families.
+    pub s3: Option<S3Params>,
     /// The accepted parameters, as recorded with the volume (orchestrator keys included).
     pub recorded: BTreeMap<String, String>,
 }
@@ -57,7 +74,7 @@ impl VolumeParams {
         let mut family = Family::Loop;
         let mut thin = false;
         let mut fs_type = FsType::Ext4;
-        let (mut vg, mut pool, mut ratio) = (None, None, None);
+        let (mut vg, mut pool, mut ratio, mut bucket) = (None, None, None, None);
         let mut recorded = BTreeMap::new();
         for (k, v) in params {
             match k.as_str() {
@@ -66,13 +83,14 @@ impl VolumeParams {
                         "loop" => (Family::Loop, false),
                         "lvm" => (Family::Lvm, false),
                         "lvm-thin" => (Family::Lvm, true),
+                        "s3" => (Family::S3, false),
                         other => {
                             return Err(Error::invalid(
                                 "parameters",
                                 format!(
-                                    "type {:?} is not a storage family this driver serves (known: loop, lvm, lvm-thin)",
-                                    printable(other)
-                                ),
+                                "type {:?} is not a storage family this driver serves (known: loop, lvm, lvm-thin, s3)",
+                                printable(other)
+                            ),
                             ))
                         }
                     }
@@ -81,6 +99,7 @@ impl VolumeParams {
                 "volumeGroup" => vg = Some(lvm_name("volumeGroup", v)?),
                 "thinPool" => pool = Some(lvm_name("thinPool", v)?),
                 "thinPoolOverprovisionRatio" => ratio = Some(parse_ratio(v)?),
+                "bucket" => bucket = Some(bucket_name("bucket", v)?),
                 _ if k.starts_with(CO_PREFIX) => {}
                 _ => {
                     return Err(Error::UnknownParameter {
@@ -90,6 +109,9 @@ impl VolumeParams {
                 }
             }
             recorded.insert(k.clone(), v.clone());
+        }
+        if family != Family::S3 && bucket.is_some() {
+            return Err(Error::invalid("parameters", "bucket applies only to type s3"));
         }
         let lvm = match (family, thin) {
             (Family::Lvm, _) => {
@@ -110,7 +132,7 @@ impl VolumeParams {
                     overprovision_milli: ratio.unwrap_or(DEFAULT_OVERPROVISION_MILLI),
                 })
             }
-            (Family::Loop, _) => {
+            (Family::Loop | Family::S3, _) => {
                 if vg.is_some() || pool.is_some() || ratio.is_some() {
                     return Err(Error::invalid(
                         "parameters",
@@ -120,7 +142,11 @@ impl VolumeParams {
                 None
             }
         };
-        Ok(VolumeParams { family, fs_type, lvm, recorded })
+        let s3 = (family == Family::S3).then_some(S3Params { bucket });
+        if s3.is_some() && recorded.contains_key("fsType") {
+            return Err(Error::invalid("parameters", "fsType does not apply to type s3 (it is mounted through FUSE)"));
+        }
+        Ok(VolumeParams { family, fs_type, lvm, s3, recorded })
     }
 
     /// The parameters that decide what the volume is; orchestrator keys are left out, so
@@ -147,6 +173,36 @@ fn lvm_name(key: &'static str, v: &str) -> Result<String> {
             format!("{key} {:?} is not a valid LVM name (letters, digits, + _ . -; not starting with -)", printable(v)),
         ))
     }
+}
+
+/// Checks an S3 bucket name against the rules every S3 server shares: 3-63 bytes of
+/// lowercase letters, digits, `.` and `-`, beginning and ending with a letter or digit, no
+/// `..`, and not shaped like an IP address.
+pub fn bucket_name(key: &'static str, v: &str) -> Result<String> {
+    if is_bucket_name(v) {
+        Ok(v.to_owned())
+    } else {
+        Err(Error::invalid(
+            "parameters",
+            format!(
+                "{key} {:?} is not a valid S3 bucket name (3-63 of a-z 0-9 . -, starting and ending with a letter or digit)",
+                printable(v)
+            ),
+        ))
+    }
+}
+
+/// Whether `v` is a valid S3 bucket name (see [`bucket_name`]).
+pub fn is_bucket_name(v: &str) -> bool {
+    let b = v.as_bytes();
+    (3..=63).contains(&b.len())
+        && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'.' || *c == b'-')
+        && b[0].is_ascii_alphanumeric()
+        && b[b.len() - 1].is_ascii_alphanumeric()
+        && !v.contains("..")
+        && !v.contains(".-")
+        && !v.contains("-.")
+        && v.parse::<std::net::Ipv4Addr>().is_err()
 }
 
 /// Parses `thinPoolOverprovisionRatio` (a decimal from 1 to 100, at most 3 decimals) into

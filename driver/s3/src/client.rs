@@ -1,0 +1,76 @@
+//! Builds an S3 client from an [`S3Endpoint`]: static credentials and region only (no
+//! environment, profile or instance-metadata lookups), and timeouts on every attempt and
+//! operation, so an unreachable server fails a call within a bound instead of hanging.
+
+use std::time::Duration;
+
+use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
+use aws_smithy_types::retry::RetryConfig;
+use aws_smithy_types::timeout::TimeoutConfig;
+
+use crate::endpoint::S3Endpoint;
+
+/// Time bounds of S3 calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// TCP (and TLS) connect.
+    pub connect: Duration,
+    /// One attempt of one call.
+    pub attempt: Duration,
+    /// A whole call, retries included: the bound on how long anything waits for S3.
+    pub operation: Duration,
+    /// Attempts per call (1 = no retry).
+    pub attempts: u32,
+}
+
+impl Default for Timeouts {
+    /// A call fails within 15 s whatever the server does: 3 s to connect, 7 s per attempt,
+    /// at most 3 attempts inside the 15 s.
+    fn default() -> Self {
+        Timeouts {
+            connect: Duration::from_secs(3),
+            attempt: Duration::from_secs(7),
+            operation: Duration::from_secs(15),
+            attempts: 3,
+        }
+    }
+}
+
+impl Timeouts {
+    /// The default bounds scaled to fail within `bound` (at least 1 s).
+    pub fn within(bound: Duration) -> Self {
+        let bound = bound.max(Duration::from_secs(1));
+        Timeouts {
+            connect: (bound / 5).max(Duration::from_millis(500)),
+            attempt: bound / 2,
+            operation: bound,
+            attempts: 3,
+        }
+    }
+}
+
+/// An S3 client for `ep`.
+pub fn build_client(ep: &S3Endpoint, t: Timeouts) -> aws_sdk_s3::Client {
+    let creds = Credentials::new(&ep.access_key_id, &ep.secret_access_key, None, None, "ferrovol-csi-secret");
+    let conf = aws_sdk_s3::Config::builder()
+        .behavior_version(BehaviorVersion::latest())
+        .region(Region::new(ep.region.clone()))
+        .endpoint_url(&ep.endpoint)
+        .force_path_style(ep.path_style)
+        .credentials_provider(creds)
+        .timeout_config(
+            TimeoutConfig::builder()
+                .connect_timeout(t.connect)
+                .read_timeout(t.attempt)
+                .operation_attempt_timeout(t.attempt)
+                .operation_timeout(t.operation)
+                .build(),
+        )
+        .retry_config(RetryConfig::standard().with_max_attempts(t.attempts.max(1)))
+        // Checksums on every request only where the operation requires them: S3-compatible
+        // servers differ in what they accept, and multipart parts are checked by ETag.
+        .request_checksum_calculation(aws_sdk_s3::config::RequestChecksumCalculation::WhenRequired)
+        .response_checksum_validation(aws_sdk_s3::config::ResponseChecksumValidation::WhenRequired)
+        .build();
+    aws_sdk_s3::Client::from_conf(conf)
+}

@@ -1,0 +1,15 @@
+//! ferrovol's S3 family: where a volume's objects live ([`layout`]), how the credentials in
+//! a CSI request's secrets become a client ([`endpoint`], [`client`]), and how S3's refusals
+//! become the driver's errors ([`error`]). The controller's bucket and prefix operations and
+//! the mounter's FUSE filesystem both build on these.
+
+pub mod client;
+pub mod endpoint;
+pub mod error;
+pub mod layout;
+pub mod record;
+#[cfg(feature = "testing")]
+pub mod testing;
+
+pub use client::{build_client, Timeouts};
+pub use endpoint::S3Endpoint;
