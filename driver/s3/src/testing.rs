@@ -83,9 +83,8 @@ impl S3Server {
                     f,
                     "metadata_dir = \"{d}/meta\"\ndata_dir = \"{d}/data\"\ndb_engine = \"sqlite\"\n\
                      replication_factor = 1\nrpc_bind_addr = \"127.0.0.1:{rpc}\"\n\
-                     rpc_secret = \"{secret}\"\n[s3_api]\ns3_region = \"us-east-1\"\napi_bind_addr = \"{addr}\"\n",
+                     rpc_secret = \"4425f5c26c5e11581d3223904324dcb5b5d5dfb14e5e7f35e38c595424f5f1e6\"\n[s3_api]\ns3_region = \"us-east-1\"\napi_bind_addr = \"{addr}\"\n",
                     d = dir.path().display(),
-                    secret = "4425f5c26c5e11581d3223904324dcb5b5d5dfb14e5e7f35e38c595424f5f1e6",
                 )
                 .expect("write garage config");
                 let mut c = Command::new(std::env::var("FERROVOL_GARAGE").unwrap_or_else(|_| "garage".into()));
