@@ -38,7 +38,9 @@ impl FamilyAgents {
     fn not_served(&self, family: Family) -> String {
         match family {
             Family::S3 => "s3 volumes are served by the controller, not by a node agent".into(),
-            _ => format!("the {} family is not enabled on node {} (see --lvm-volume-group)", family.as_str(), self.node),
+            _ => {
+                format!("the {} family is not enabled on node {} (see --lvm-volume-group)", family.as_str(), self.node)
+            }
         }
     }
 

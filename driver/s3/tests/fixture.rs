@@ -11,14 +11,7 @@ use ferrovol_s3::{build_client, Timeouts};
 async fn a_real_server_round_trips_an_object_and_a_paused_one_fails_in_bounded_time() {
     let server = S3Server::start();
     let client = build_client(&server.endpoint, Timeouts::default());
-    client
-        .put_object()
-        .bucket(&server.bucket)
-        .key("a/b.txt")
-        .body(b"hello".to_vec().into())
-        .send()
-        .await
-        .expect("put");
+    client.put_object().bucket(&server.bucket).key("a/b.txt").body(b"hello".to_vec().into()).send().await.expect("put");
     let got = client.get_object().bucket(&server.bucket).key("a/b.txt").send().await.expect("get");
     let bytes = got.body.collect().await.expect("body").into_bytes();
     assert_eq!(&bytes[..], b"hello");
