@@ -1,11 +1,14 @@
 //! Keeps deploy/, the docs and the StorageClass parameter parser in step: every StorageClass
 //! of ferrovol and every inline volume under deploy/ must be accepted by the parser the driver
-//! uses, and every parameter key and storage family the parser knows must be documented.
+//! uses, and every parameter key and storage family the parser knows must be documented. The
+//! orchestrator's keys (`csi.storage.k8s.io/...`), which the parser accepts whatever they are,
+//! must be ones the sidecars know, with the secrets every S3 operation needs.
 #![allow(clippy::unwrap_used)]
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use ferrovol_core::ids::Family;
 use ferrovol_core::params::{parse_quantity, VolumeParams, CO_PREFIX, KNOWN_PARAMETERS};
 use ferrovol_core::volume::FsType;
 use ferrovol_core::DEFAULT_DRIVER_NAME;
@@ -17,8 +20,34 @@ const FSTYPE_KEY: &str = "csi.storage.k8s.io/fstype";
 /// The volume attributes an inline ephemeral volume takes (node/src/stage.rs).
 const EPHEMERAL_ATTRIBUTES: &[&str] = &["size", "fsType"];
 
+/// The secrets a StorageClass can name for csi-provisioner, which passes them on (and
+/// refuses any other `csi.storage.k8s.io/` key): each is `<prefix>-name` and
+/// `<prefix>-namespace`.
+const STORAGE_CLASS_SECRETS: &[&str] = &[
+    "csi.storage.k8s.io/provisioner-secret",
+    "csi.storage.k8s.io/controller-publish-secret",
+    "csi.storage.k8s.io/node-stage-secret",
+    "csi.storage.k8s.io/node-publish-secret",
+    "csi.storage.k8s.io/controller-expand-secret",
+    "csi.storage.k8s.io/node-expand-secret",
+];
+
+/// The secrets every operation on an S3 volume needs (node-expand: S3 volumes grow on the
+/// controller only; node-publish: the node plugin binds the staged mount).
+const S3_STORAGE_CLASS_SECRETS: &[&str] = &[
+    "csi.storage.k8s.io/provisioner-secret",
+    "csi.storage.k8s.io/controller-publish-secret",
+    "csi.storage.k8s.io/node-stage-secret",
+    "csi.storage.k8s.io/controller-expand-secret",
+];
+
+/// The secrets a VolumeSnapshotClass can name for csi-snapshotter (the only
+/// `csi.storage.k8s.io/` keys it accepts there).
+const SNAPSHOT_CLASS_SECRETS: &[&str] =
+    &["csi.storage.k8s.io/snapshotter-secret", "csi.storage.k8s.io/snapshotter-list-secret"];
+
 /// Where the parameters are documented for operators.
-const DOCS: &[&str] = &["README.md", "docs/LVM.md"];
+const DOCS: &[&str] = &["README.md", "docs/LVM.md", "deploy/README.md"];
 
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -75,6 +104,34 @@ fn name_of(doc: &Yaml) -> String {
     doc["metadata"]["name"].as_str().unwrap_or("<no name>").to_owned()
 }
 
+/// The secrets named by the `csi.storage.k8s.io/` keys of `params` (as their prefixes, e.g.
+/// `csi.storage.k8s.io/provisioner-secret`). Every such key must be `known` (or `also`
+/// allowed), and each secret must have both its name and its namespace.
+fn named_secrets(params: &HashMap<String, String>, known: &[&str], also: &[&str], what: &str) -> Vec<String> {
+    let mut secrets = Vec::new();
+    for key in params.keys().filter(|k| k.starts_with(CO_PREFIX)) {
+        if also.contains(&key.as_str()) {
+            continue;
+        }
+        let prefix = key
+            .strip_suffix("-name")
+            .or_else(|| key.strip_suffix("-namespace"))
+            .filter(|p| known.contains(p))
+            .unwrap_or_else(|| {
+                panic!("{what}: {key:?} is not a key the sidecars accept (known: {known:?} -name/-namespace, {also:?})")
+            });
+        for half in ["-name", "-namespace"] {
+            let k = format!("{prefix}{half}");
+            assert!(params.get(&k).is_some_and(|v| !v.is_empty()), "{what}: {key} without {k}");
+        }
+        if key.ends_with("-name") {
+            secrets.push(prefix.to_owned());
+        }
+    }
+    secrets.sort();
+    secrets
+}
+
 #[test]
 fn storage_classes_in_deploy_are_accepted_by_the_parser() {
     let mut checked = Vec::new();
@@ -95,16 +152,64 @@ fn storage_classes_in_deploy_are_accepted_by_the_parser() {
                 assert_eq!(fs, parsed.fs_type, "{what}: fsType and {FSTYPE_KEY} disagree");
             }
         }
-        // Volumes are local to a node: binding must wait for the pod's node.
-        assert_eq!(
-            doc["volumeBindingMode"].as_str(),
-            Some("WaitForFirstConsumer"),
-            "{what}: local volumes need volumeBindingMode WaitForFirstConsumer"
-        );
+        let secrets = named_secrets(&params, STORAGE_CLASS_SECRETS, &[FSTYPE_KEY], &what);
+        if parsed.family == Family::S3 {
+            // Reachable from every node; mounted through FUSE, so no filesystem to name.
+            assert!(!params.contains_key(FSTYPE_KEY), "{what}: {FSTYPE_KEY} does not apply to type s3");
+            for needed in S3_STORAGE_CLASS_SECRETS {
+                assert!(
+                    secrets.iter().any(|s| s == needed),
+                    "{what}: an s3 class must name the S3 secret as {needed}-name/-namespace"
+                );
+            }
+        } else {
+            // Volumes are local to a node: binding must wait for the pod's node.
+            assert_eq!(
+                doc["volumeBindingMode"].as_str(),
+                Some("WaitForFirstConsumer"),
+                "{what}: local volumes need volumeBindingMode WaitForFirstConsumer"
+            );
+        }
         checked.push(what);
     }
     assert!(!checked.is_empty(), "deploy/ has no StorageClass with provisioner {DEFAULT_DRIVER_NAME}");
     eprintln!("{} StorageClasses checked:\n  {}", checked.len(), checked.join("\n  "));
+}
+
+#[test]
+fn snapshot_classes_in_deploy_name_only_secrets() {
+    let (mut checked, mut with_secret) = (Vec::new(), 0);
+    let mut s3_classes = 0;
+    for (file, doc) in deploy_documents() {
+        match (doc["kind"].as_str(), doc["provisioner"].as_str(), doc["driver"].as_str()) {
+            (Some("StorageClass"), Some(DEFAULT_DRIVER_NAME), _)
+                if doc["parameters"]["type"].as_str() == Some("s3") =>
+            {
+                s3_classes += 1;
+            }
+            (Some("VolumeSnapshotClass"), _, Some(DEFAULT_DRIVER_NAME)) => {
+                let what = format!("VolumeSnapshotClass {} in {}", name_of(&doc), file.display());
+                let params = string_map(&doc["parameters"], &what);
+                // CreateSnapshot takes no parameters of the driver's own: only the secrets,
+                // which csi-snapshotter takes out and passes as the request's secrets.
+                if let Some(k) = params.keys().find(|k| !k.starts_with(CO_PREFIX)) {
+                    panic!("{what}: {k:?}: ferrovol's snapshots take no parameters");
+                }
+                if !named_secrets(&params, SNAPSHOT_CLASS_SECRETS, &[], &what).is_empty() {
+                    with_secret += 1;
+                }
+                checked.push(what);
+            }
+            _ => {}
+        }
+    }
+    assert!(!checked.is_empty(), "deploy/ has no VolumeSnapshotClass of {DEFAULT_DRIVER_NAME}");
+    // S3 snapshots are copies made with the volume's credentials.
+    assert!(
+        s3_classes == 0 || with_secret > 0,
+        "deploy/ has s3 StorageClasses but no VolumeSnapshotClass with a secret"
+    );
+    eprintln!("{} VolumeSnapshotClasses checked:\n  {}", checked.len(), checked.join("\n  "));
 }
 
 /// Collects every inline CSI volume of this driver (`csi: {driver: ...}`) in `node`.
