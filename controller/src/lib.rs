@@ -4,6 +4,7 @@
 
 mod page;
 mod placement;
+mod s3;
 pub mod service;
 
 pub use service::ControllerService;

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use ferrovol_core::agent::{Directory, LocalDirectory, NewVolume, NodeAgent, Source};
 use ferrovol_core::error::{Code, Error, Result};
-use ferrovol_core::ids::{printable, LocalName, NodeId, SnapshotId, VolumeId};
+use ferrovol_core::ids::{printable, Family, LocalName, NodeId, SnapshotId, VolumeId};
 use ferrovol_core::params::{VolumeParams, CO_PREFIX};
 use ferrovol_core::volume::{
     AccessType, Capability, CapacityRange, ContentSource, FsType, SnapshotRecord, VolumeRecord,
@@ -18,6 +18,7 @@ use ferrovol_proto::csi::v1 as csi;
 use tonic::{Request, Response, Status};
 
 use crate::page::paginate;
+use crate::s3::{is_s3_params, s3_snapshot, s3_volume};
 
 use csi::controller_service_capability::rpc::Type as Cap;
 
@@ -31,6 +32,8 @@ pub struct ControllerService {
     /// CreateVolume calls whose outcome on a node is unknown (the node stopped answering
     /// mid-call), by CO name: until that node is back, a repeat is not placed elsewhere.
     pub(crate) uncertain: Arc<Mutex<HashMap<String, NodeId>>>,
+    /// The S3 family, which needs no node: its IDs carry the bucket.
+    pub(crate) s3: ferrovol_s3::S3Controller,
 }
 
 impl ControllerService {
@@ -41,7 +44,28 @@ impl ControllerService {
 
     /// A controller over any directory of node agents (the cluster registry).
     pub fn with_directory(directory: Arc<dyn Directory>) -> Self {
-        ControllerService { directory, uncertain: Arc::default() }
+        ControllerService {
+            directory,
+            uncertain: Arc::default(),
+            s3: ferrovol_s3::S3Controller::new(ferrovol_s3::Timeouts::default()),
+        }
+    }
+
+    /// Bounds every S3 call of the S3 family by `timeouts` (`--s3-timeout`).
+    pub fn with_s3_timeouts(mut self, timeouts: ferrovol_s3::Timeouts) -> Self {
+        self.s3 = ferrovol_s3::S3Controller::new(timeouts);
+        self
+    }
+
+    /// Bounds every S3 call of the S3 family by `bound` (`--s3-timeout`): connect, each
+    /// attempt and the whole call with its retries fit inside it.
+    pub fn with_s3_timeout(self, bound: std::time::Duration) -> Self {
+        self.with_s3_timeouts(ferrovol_s3::Timeouts::within(bound))
+    }
+
+    /// The S3 family's controller (tests look at what it remembers).
+    pub fn s3(&self) -> &ferrovol_s3::S3Controller {
+        &self.s3
     }
 
     /// The agent that owns objects of `node`: `None` when this driver does not serve that
@@ -91,7 +115,7 @@ fn topology(node: &NodeId) -> csi::Topology {
     csi::Topology { segments: HashMap::from([(TOPOLOGY_NODE_KEY.to_string(), node.to_string())]) }
 }
 
-fn source_proto(src: &Option<ContentSource>) -> Option<csi::VolumeContentSource> {
+pub(crate) fn source_proto(src: &Option<ContentSource>) -> Option<csi::VolumeContentSource> {
     use csi::volume_content_source::{SnapshotSource, Type, VolumeSource};
     src.as_ref().map(|s| csi::VolumeContentSource {
         r#type: Some(match s {
@@ -166,6 +190,9 @@ impl csi::controller_server::Controller for ControllerService {
         let r = req.into_inner();
         call("CreateVolume", &r.name, Noise::Change, async {
             name("name", &r.name)?;
+            if is_s3_params(&r.parameters) {
+                return self.s3_create_volume(&r).await;
+            }
             let caps = convert::capabilities(&r.volume_capabilities)?;
             let mut params = VolumeParams::parse(&r.parameters)?;
             let fs = effective_fs(&mut params, &caps)?;
@@ -221,6 +248,10 @@ impl csi::controller_server::Controller for ControllerService {
             required("volume_id", &r.volume_id)?;
             // An ID that is not ours names no volume of ours: deleting it is done already.
             let Ok(id) = VolumeId::parse(&r.volume_id) else { return Ok(csi::DeleteVolumeResponse {}) };
+            if id.family() == Family::S3 {
+                self.s3.delete_volume(&id, &r.secrets).await?;
+                return Ok(csi::DeleteVolumeResponse {});
+            }
             if let Some(agent) = self.agent_for(id.node())? {
                 agent.delete_volume(&id).await?;
             }
@@ -237,6 +268,9 @@ impl csi::controller_server::Controller for ControllerService {
         call("ControllerPublishVolume", &r.volume_id, Noise::Change, async {
             required("volume_id", &r.volume_id)?;
             required("node_id", &r.node_id)?;
+            if let Some(id) = s3_volume(&r.volume_id) {
+                return self.s3_controller_publish(&r, &id).await;
+            }
             let cap = convert::required_capability(&r.volume_capability)?;
             let id = VolumeId::parse(&r.volume_id)?;
             let node = NodeId::parse(&r.node_id).map_err(|_| Error::NodeNotFound {
@@ -277,6 +311,9 @@ impl csi::controller_server::Controller for ControllerService {
             required("volume_id", &r.volume_id)?;
             // The spec: a volume or node that cannot be found is safely unpublished: OK.
             let Ok(id) = VolumeId::parse(&r.volume_id) else { return Ok(csi::ControllerUnpublishVolumeResponse {}) };
+            if id.family() == Family::S3 {
+                return self.s3_controller_unpublish(&r, &id).await;
+            }
             let Some(agent) = self.agent_for(id.node())? else {
                 return Ok(csi::ControllerUnpublishVolumeResponse {});
             };
@@ -306,6 +343,9 @@ impl csi::controller_server::Controller for ControllerService {
             required("volume_id", &r.volume_id)?;
             if r.volume_capabilities.is_empty() {
                 return Err(Error::invalid("volume_capabilities", "at least one capability is required"));
+            }
+            if let Some(id) = s3_volume(&r.volume_id) {
+                return self.s3_validate(&r, &id).await;
             }
             // A malformed capability is INVALID_ARGUMENT; a well-formed one we cannot give is
             // answered without confirmation, as the spec asks.
@@ -351,17 +391,20 @@ impl csi::controller_server::Controller for ControllerService {
             let mut all = Vec::new();
             for m in self.directory.members() {
                 let node = m.node().clone();
-                all.extend(m.agent.list_volumes().await?.into_iter().map(|(rec, cond)| (rec, cond, node.clone())));
+                all.extend(m.agent.list_volumes().await?.into_iter().map(|(rec, cond)| {
+                    (volume_proto(&rec, &node), rec.published_nodes.clone(), convert::condition(&cond))
+                }));
             }
-            all.sort_by(|a, b| a.0.id.cmp(&b.0.id));
+            all.extend(self.s3.list_volumes().await.iter().map(crate::s3::status_proto));
+            all.sort_by(|a, b| a.0.volume_id.cmp(&b.0.volume_id));
             let (page, next_token) = paginate(all, r.max_entries, &r.starting_token)?;
             let entries = page
                 .into_iter()
-                .map(|(rec, cond, node)| csi::list_volumes_response::Entry {
-                    volume: Some(volume_proto(&rec, &node)),
+                .map(|(volume, published_node_ids, condition)| csi::list_volumes_response::Entry {
+                    volume: Some(volume),
                     status: Some(csi::list_volumes_response::VolumeStatus {
-                        published_node_ids: rec.published_nodes.clone(),
-                        volume_condition: Some(convert::condition(&cond)),
+                        published_node_ids,
+                        volume_condition: Some(condition),
                     }),
                 })
                 .collect();
@@ -376,6 +419,9 @@ impl csi::controller_server::Controller for ControllerService {
     ) -> Result<Response<csi::GetCapacityResponse>, Status> {
         let r = req.into_inner();
         call("GetCapacity", "", Noise::Query, async {
+            if is_s3_params(&r.parameters) {
+                return self.s3_capacity(&r);
+            }
             let mut params = VolumeParams::parse(&r.parameters)?;
             let caps = r
                 .volume_capabilities
@@ -456,6 +502,9 @@ impl csi::controller_server::Controller for ControllerService {
             required("source_volume_id", &r.source_volume_id)?;
             snapshot_params(&r.parameters)?;
             let source = VolumeId::parse(&r.source_volume_id)?;
+            if source.family() == Family::S3 {
+                return self.s3_create_snapshot(&r, &source).await;
+            }
             let agent = self.volume_agent(&source)?;
             let rec = agent.create_snapshot(&r.name, LocalName::from_co_name(&r.name), &source).await?;
             Ok(csi::CreateSnapshotResponse { snapshot: Some(snapshot_proto(&rec)) })
@@ -471,6 +520,10 @@ impl csi::controller_server::Controller for ControllerService {
         call("DeleteSnapshot", &r.snapshot_id, Noise::Change, async {
             required("snapshot_id", &r.snapshot_id)?;
             let Ok(id) = SnapshotId::parse(&r.snapshot_id) else { return Ok(csi::DeleteSnapshotResponse {}) };
+            if id.family() == Family::S3 {
+                self.s3.delete_snapshot(&id, &r.secrets).await?;
+                return Ok(csi::DeleteSnapshotResponse {});
+            }
             if let Some(agent) = self.agent_for(id.node())? {
                 agent.delete_snapshot(&id).await?;
             }
@@ -485,11 +538,13 @@ impl csi::controller_server::Controller for ControllerService {
     ) -> Result<Response<csi::ListSnapshotsResponse>, Status> {
         let r = req.into_inner();
         call("ListSnapshots", &r.snapshot_id, Noise::Query, async {
-            let all: Vec<SnapshotRecord> = if !r.snapshot_id.is_empty() {
+            let all: Vec<csi::Snapshot> = if s3_snapshot(&r.snapshot_id).is_some() {
+                self.s3_list_snapshots(&r).await?
+            } else if !r.snapshot_id.is_empty() {
                 match SnapshotId::parse(&r.snapshot_id) {
                     Ok(id) => match self.agent_for(id.node())? {
                         Some(agent) => match agent.get_snapshot(&id).await {
-                            Ok(s) => vec![s],
+                            Ok(s) => vec![snapshot_proto(&s)],
                             Err(e) if e.code() == Code::NotFound => vec![],
                             Err(e) => return Err(e),
                         },
@@ -498,22 +553,20 @@ impl csi::controller_server::Controller for ControllerService {
                     Err(_) => vec![],
                 }
             } else {
-                let mut all = Vec::new();
+                let mut all: Vec<csi::Snapshot> = Vec::new();
                 for m in self.directory.members() {
-                    all.extend(m.agent.list_snapshots().await?);
+                    all.extend(m.agent.list_snapshots().await?.iter().map(snapshot_proto));
                 }
-                all.sort_by(|a, b| a.id.cmp(&b.id));
+                all.extend(self.s3_list_snapshots(&r).await?);
+                all.sort_by(|a, b| a.snapshot_id.cmp(&b.snapshot_id));
                 all
             };
-            let all: Vec<SnapshotRecord> = all
+            let all: Vec<csi::Snapshot> = all
                 .into_iter()
                 .filter(|s| r.source_volume_id.is_empty() || s.source_volume_id == r.source_volume_id)
                 .collect();
             let (page, next_token) = paginate(all, r.max_entries, &r.starting_token)?;
-            let entries = page
-                .iter()
-                .map(|s| csi::list_snapshots_response::Entry { snapshot: Some(snapshot_proto(s)) })
-                .collect();
+            let entries = page.into_iter().map(|s| csi::list_snapshots_response::Entry { snapshot: Some(s) }).collect();
             Ok(csi::ListSnapshotsResponse { entries, next_token })
         })
         .await
@@ -527,6 +580,10 @@ impl csi::controller_server::Controller for ControllerService {
         call("GetSnapshot", &r.snapshot_id, Noise::Query, async {
             required("snapshot_id", &r.snapshot_id)?;
             let id = SnapshotId::parse(&r.snapshot_id)?;
+            if id.family() == Family::S3 {
+                let s = self.s3_get_snapshot(&id, &r.secrets).await?;
+                return Ok(csi::GetSnapshotResponse { snapshot: Some(crate::s3::snapshot_proto(&s)) });
+            }
             let agent = self.snapshot_agent(&id)?;
             let rec = agent.get_snapshot(&id).await?;
             Ok(csi::GetSnapshotResponse { snapshot: Some(snapshot_proto(&rec)) })
@@ -548,6 +605,17 @@ impl csi::controller_server::Controller for ControllerService {
                 }
                 other => other,
             })?;
+            if let Some(id) = s3_volume(&r.volume_id) {
+                if let Some(c) = &r.volume_capability {
+                    crate::s3::capability("volume_capability", c)?;
+                }
+                let size = self.s3.expand_volume(&id, range, &r.secrets).await?;
+                // The node tells the mounter to read the quota again.
+                return Ok(csi::ControllerExpandVolumeResponse {
+                    capacity_bytes: i64::try_from(size).unwrap_or(i64::MAX),
+                    node_expansion_required: true,
+                });
+            }
             let block = match &r.volume_capability {
                 Some(c) => {
                     let cap = convert::capability("volume_capability", c)?;
@@ -573,6 +641,16 @@ impl csi::controller_server::Controller for ControllerService {
         call("ControllerGetVolume", &r.volume_id, Noise::Query, async {
             required("volume_id", &r.volume_id)?;
             let id = VolumeId::parse(&r.volume_id)?;
+            if id.family() == Family::S3 {
+                let (volume, published_node_ids, condition) = crate::s3::status_proto(&self.s3.get_volume(&id).await?);
+                return Ok(csi::ControllerGetVolumeResponse {
+                    volume: Some(volume),
+                    status: Some(csi::controller_get_volume_response::VolumeStatus {
+                        published_node_ids,
+                        volume_condition: Some(condition),
+                    }),
+                });
+            }
             let agent = self.volume_agent(&id)?;
             let (rec, cond) = agent.get_volume(&id).await?;
             Ok(csi::ControllerGetVolumeResponse {

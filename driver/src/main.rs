@@ -36,7 +36,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Serve the CSI Identity, Controller and Node services on one endpoint.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Certificates for the mutual TLS between the controller and the node agents.
     #[command(subcommand)]
     Certs(certs_cmd::CertsCommand),
@@ -80,6 +80,15 @@ struct RunArgs {
     /// snapshots are refused and its volumes are reported abnormal.
     #[arg(long, default_value_t = 90.0)]
     thin_pool_full_percent: f64,
+    /// Node role: the unix socket of the S3 mounter (`ferrovol-mounter --socket`) that
+    /// holds the FUSE mounts of `type: s3` volumes. Without it this node stages no S3
+    /// volumes.
+    #[arg(long, env = "FERROVOL_MOUNTER_SOCKET")]
+    mounter_socket: Option<PathBuf>,
+    /// The bound, in seconds, on every S3 call of the `s3` family (connect, attempts and
+    /// retries included): an unreachable S3 server fails a call with UNAVAILABLE within it.
+    #[arg(long, env = "FERROVOL_S3_TIMEOUT", default_value_t = 15.0)]
+    s3_timeout: f64,
     /// Which services to run: `controller,node` (all in one process, the default),
     /// `controller` (the StatefulSet) or `node` (the DaemonSet).
     #[arg(long, env = "FERROVOL_ROLES", value_enum, value_delimiter = ',', default_value = "controller,node")]
@@ -125,7 +134,7 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Command::Run(args) => runtime.block_on(run(args)),
+        Command::Run(args) => runtime.block_on(run(*args)),
         Command::Certs(cmd) => certs_cmd::execute(cmd),
         Command::Client(cmd) => runtime.block_on(client::execute(cmd)),
     }
@@ -155,6 +164,10 @@ async fn run(args: RunArgs) -> ExitCode {
     };
     if !(args.heartbeat_interval > 0.0 && args.heartbeat_interval <= 3600.0) {
         tracing::error!("--heartbeat-interval {} is not a number of seconds from 0 to 3600", args.heartbeat_interval);
+        return ExitCode::from(2);
+    }
+    if !(args.s3_timeout >= 1.0 && args.s3_timeout <= 3600.0) {
+        tracing::error!("--s3-timeout {} is not a number of seconds from 1 to 3600", args.s3_timeout);
         return ExitCode::from(2);
     }
     let cluster = match (roles, args.tls_dir) {
@@ -187,6 +200,8 @@ async fn run(args: RunArgs) -> ExitCode {
         max_volumes: args.max_volumes,
         lvm_volume_groups: args.lvm_volume_groups,
         thin_pool_full_percent: args.thin_pool_full_percent,
+        mounter_socket: args.mounter_socket,
+        s3_timeout: std::time::Duration::from_secs_f64(args.s3_timeout),
         roles,
         cluster,
         metrics_listen: args.metrics_listen,

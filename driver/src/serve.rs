@@ -68,11 +68,20 @@ pub struct RunConfig {
     /// LVM volume groups served; empty turns the LVM family off.
     pub lvm_volume_groups: Vec<String>,
     pub thin_pool_full_percent: f64,
+    /// The S3 mounter's socket; `None`: this node stages no S3 volumes.
+    pub mounter_socket: Option<PathBuf>,
+    /// The bound on every S3 call the controller makes (`--s3-timeout`).
+    pub s3_timeout: Duration,
     pub roles: Roles,
     /// The cluster settings of the split roles; `None` in all-in-one mode.
     pub cluster: Option<ClusterConfig>,
     /// Where to serve /metrics and /healthz over plain HTTP; `None` serves neither.
     pub metrics_listen: Option<SocketAddr>,
+}
+
+/// The node's S3 volumes: through the mounter when one is configured.
+fn s3_node(cfg: &RunConfig) -> ferrovol_node::s3::S3Node {
+    ferrovol_node::s3::S3Node::new(cfg.mounter_socket.clone(), cfg.s3_timeout)
 }
 
 /// Which services this process serves.
@@ -272,11 +281,11 @@ pub async fn run(cfg: RunConfig) -> Result<(), StartError> {
             watch_node(&mut metrics, &parts);
             web = start_metrics(&cfg, metrics, &ready, stopped.clone()).await?;
             let controller = csi::controller_server::ControllerServer::with_interceptor(
-                ControllerService::new(Arc::new(parts.agent.clone())),
+                ControllerService::new(Arc::new(parts.agent.clone())).with_s3_timeout(cfg.s3_timeout),
                 gate(&ready),
             );
             let node = csi::node_server::NodeServer::with_interceptor(
-                NodeService::new(parts.ops.clone(), cfg.max_volumes),
+                NodeService::new(parts.ops.clone(), cfg.max_volumes).with_s3(s3_node(&cfg)),
                 gate(&ready),
             );
             let router = Server::builder().add_service(identity).add_service(controller).add_service(node);
@@ -305,9 +314,9 @@ pub async fn run(cfg: RunConfig) -> Result<(), StartError> {
                 }
             });
             ready.store(true, Ordering::Release);
-            let controller = csi::controller_server::ControllerServer::new(ControllerService::with_directory(
-                Arc::new(registry.clone()),
-            ));
+            let controller = csi::controller_server::ControllerServer::new(
+                ControllerService::with_directory(Arc::new(registry.clone())).with_s3_timeout(cfg.s3_timeout),
+            );
             let router = Server::builder().add_service(identity).add_service(controller);
             let listener = TcpListener::bind(cluster.listen)
                 .await
@@ -344,7 +353,7 @@ pub async fn run(cfg: RunConfig) -> Result<(), StartError> {
             watch_node(&mut metrics, &parts);
             web = start_metrics(&cfg, metrics, &ready, stopped.clone()).await?;
             let node = csi::node_server::NodeServer::with_interceptor(
-                NodeService::new(parts.ops.clone(), cfg.max_volumes),
+                NodeService::new(parts.ops.clone(), cfg.max_volumes).with_s3(s3_node(&cfg)),
                 gate(&ready),
             );
             let router = Server::builder().add_service(identity).add_service(node);

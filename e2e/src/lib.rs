@@ -19,6 +19,8 @@ pub mod kernel;
 pub mod lvm;
 pub mod netns;
 pub mod requests;
+#[cfg(feature = "s3-tests")]
+pub mod s3;
 pub mod sandbox;
 pub mod steps;
 

@@ -1,4 +1,5 @@
-//! CSI Node service and node agents of ferrovol: the loop and LVM backends, mkfs, mounts and stats.
+//! CSI Node service and node agents of ferrovol: the loop and LVM backends, mkfs, mounts and stats,
+//! and S3 volumes through the mounter process.
 
 pub mod agent;
 pub mod command;
@@ -11,6 +12,7 @@ pub mod lvm;
 pub mod metrics;
 pub mod reconcile;
 pub mod rpc;
+pub mod s3;
 pub mod service;
 pub mod stage;
 pub mod store;

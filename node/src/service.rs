@@ -2,6 +2,8 @@
 //! and hands it to [`NodeOps`].
 
 use ferrovol_core::error::{Error, Result};
+use ferrovol_core::guard::InFlight;
+use ferrovol_core::ids::{Family, VolumeId};
 use ferrovol_core::volume::CapacityRange;
 use ferrovol_core::TOPOLOGY_NODE_KEY;
 use ferrovol_proto::csi::v1 as csi;
@@ -9,6 +11,7 @@ use tonic::{Request, Response, Status};
 
 use crate::convert;
 use crate::rpc::{call, Noise};
+use crate::s3::S3Node;
 use crate::stage::{NodeOps, Stats, EPHEMERAL_KEY};
 
 use csi::node_service_capability::rpc::Type as Cap;
@@ -18,12 +21,37 @@ use csi::node_service_capability::rpc::Type as Cap;
 pub struct NodeService {
     ops: NodeOps,
     max_volumes: i64,
+    /// S3 volumes, through the mounter process.
+    s3: S3Node,
+    /// One call at a time per S3 volume (the other families guard inside `ops`).
+    s3_inflight: InFlight,
 }
 
 impl NodeService {
-    /// A Node service over `ops`, advertising `max_volumes` per node.
+    /// A Node service over `ops`, advertising `max_volumes` per node; no S3 volumes.
     pub fn new(ops: NodeOps, max_volumes: i64) -> Self {
-        NodeService { ops, max_volumes }
+        NodeService {
+            ops,
+            max_volumes,
+            s3: S3Node::new(None, std::time::Duration::from_secs(15)),
+            s3_inflight: InFlight::default(),
+        }
+    }
+
+    /// Serves S3 volumes through `s3` too.
+    pub fn with_s3(mut self, s3: S3Node) -> Self {
+        self.s3 = s3;
+        self
+    }
+
+    /// The ID of an S3 volume, or `None` for every other ID (the other families' checks
+    /// then answer as before).
+    fn s3_volume(volume_id: &str) -> Option<VolumeId> {
+        VolumeId::parse(volume_id).ok().filter(|id| id.family() == Family::S3)
+    }
+
+    fn s3_guard(&self, id: &VolumeId) -> Result<ferrovol_core::guard::InFlightGuard> {
+        self.s3_inflight.try_acquire(&id.to_string(), || format!("volume {id}"))
     }
 }
 
@@ -45,6 +73,11 @@ impl csi::node_server::Node for NodeService {
             required("volume_id", &r.volume_id)?;
             let staging = self.ops.check_path("staging_target_path", &r.staging_target_path)?;
             let cap = convert::required_capability(&r.volume_capability)?;
+            if let Some(id) = Self::s3_volume(&r.volume_id) {
+                let _g = self.s3_guard(&id)?;
+                self.s3.stage(&id, &staging, &cap, &r.secrets).await?;
+                return Ok(csi::NodeStageVolumeResponse {});
+            }
             self.ops.stage(r.volume_id.clone(), staging, cap).await?;
             Ok(csi::NodeStageVolumeResponse {})
         })
@@ -59,6 +92,11 @@ impl csi::node_server::Node for NodeService {
         call("NodeUnstageVolume", &r.volume_id, Noise::Change, async {
             required("volume_id", &r.volume_id)?;
             let staging = self.ops.check_path("staging_target_path", &r.staging_target_path)?;
+            if let Some(id) = Self::s3_volume(&r.volume_id) {
+                let _g = self.s3_guard(&id)?;
+                self.s3.unstage(&id, &staging).await?;
+                return Ok(csi::NodeUnstageVolumeResponse {});
+            }
             self.ops.unstage(r.volume_id.clone(), staging).await?;
             Ok(csi::NodeUnstageVolumeResponse {})
         })
@@ -85,6 +123,11 @@ impl csi::node_server::Node for NodeService {
                 ));
             }
             let staging = self.ops.check_path("staging_target_path", &r.staging_target_path)?;
+            if let Some(id) = Self::s3_volume(&r.volume_id) {
+                let _g = self.s3_guard(&id)?;
+                self.s3.publish(&id, &staging, &target, &cap, r.readonly).await?;
+                return Ok(csi::NodePublishVolumeResponse {});
+            }
             self.ops.publish(r.volume_id.clone(), staging, target, cap, r.readonly).await?;
             Ok(csi::NodePublishVolumeResponse {})
         })
@@ -99,6 +142,11 @@ impl csi::node_server::Node for NodeService {
         call("NodeUnpublishVolume", &r.volume_id, Noise::Change, async {
             required("volume_id", &r.volume_id)?;
             let target = self.ops.check_path("target_path", &r.target_path)?;
+            if let Some(id) = Self::s3_volume(&r.volume_id) {
+                let _g = self.s3_guard(&id)?;
+                self.s3.unpublish(&id, &target).await?;
+                return Ok(csi::NodeUnpublishVolumeResponse {});
+            }
             self.ops.unpublish(r.volume_id.clone(), target).await?;
             Ok(csi::NodeUnpublishVolumeResponse {})
         })
@@ -113,7 +161,10 @@ impl csi::node_server::Node for NodeService {
         call("NodeGetVolumeStats", &r.volume_id, Noise::Query, async {
             required("volume_id", &r.volume_id)?;
             let path = self.ops.check_path("volume_path", &r.volume_path)?;
-            let (stats, cond) = self.ops.stats(r.volume_id.clone(), path).await?;
+            let (stats, cond) = match Self::s3_volume(&r.volume_id) {
+                Some(id) => self.s3.stats(&id, &path).await?,
+                None => self.ops.stats(r.volume_id.clone(), path).await?,
+            };
             let usage = match stats {
                 Stats::Block { total_bytes } => vec![csi::VolumeUsage {
                     total: total_bytes as i64,
@@ -152,6 +203,11 @@ impl csi::node_server::Node for NodeService {
                 Some(c) => CapacityRange::from_request(c.required_bytes, c.limit_bytes)?,
                 None => CapacityRange::default(),
             };
+            if let Some(id) = Self::s3_volume(&r.volume_id) {
+                let _g = self.s3_guard(&id)?;
+                let size = self.s3.expand(&id).await?;
+                return Ok(csi::NodeExpandVolumeResponse { capacity_bytes: size as i64 });
+            }
             if let Some(c) = &r.volume_capability {
                 convert::capability("volume_capability", c)?.check_single_node()?;
             }

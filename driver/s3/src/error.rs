@@ -82,7 +82,12 @@ where
                 _ => Kind::Refused,
             };
             let said = match (code.is_empty(), text.is_empty()) {
-                (true, true) => format!("HTTP {}", status.unwrap_or_default()),
+                (true, true) => match status {
+                    // HEAD answers carry no body, so no reason.
+                    Some(403) => "HTTP 403 Forbidden (the credentials or their permissions were refused)".to_owned(),
+                    Some(404) => "HTTP 404 Not Found".to_owned(),
+                    s => format!("HTTP {}", s.unwrap_or_default()),
+                },
                 (false, true) => code.clone(),
                 (true, false) => text.to_owned(),
                 (false, false) => format!("{code}: {text}"),
@@ -128,7 +133,10 @@ impl S3Failure {
     pub fn into_error(self) -> Error {
         match self.kind {
             Kind::Unreachable => Error::Unavailable { reason: self.message },
-            Kind::Denied => Error::Precondition { object: "the S3 credentials".into(), reason: self.message },
+            Kind::Denied => Error::Precondition {
+                object: "the S3 credentials".into(),
+                reason: format!("{} (check accessKeyID, secretAccessKey and region in the secret)", self.message),
+            },
             Kind::NotFound | Kind::Conflict | Kind::Refused => {
                 Error::System { operation: "S3".into(), object: String::new(), cause: self.message }
             }

@@ -4,6 +4,7 @@
 //! the mounter's FUSE filesystem both build on these.
 
 pub mod client;
+pub mod controller;
 pub mod endpoint;
 pub mod error;
 pub mod layout;
@@ -12,4 +13,5 @@ pub mod record;
 pub mod testing;
 
 pub use client::{build_client, Timeouts};
+pub use controller::S3Controller;
 pub use endpoint::S3Endpoint;

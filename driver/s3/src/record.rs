@@ -54,3 +54,15 @@ pub struct S3SnapshotRecord {
     pub created_unix: i64,
     pub created_nanos: i32,
 }
+
+/// `ferrovol/bucket.json`: marks a bucket the driver made for one volume of its own. Only a
+/// bucket holding it is ever removed by the driver, and only when nothing but it remains.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BucketMarker {
+    pub version: u32,
+    /// The CO's name of the volume the bucket was made for.
+    pub name: String,
+    /// That volume's ID.
+    pub volume_id: String,
+    pub created_unix: i64,
+}

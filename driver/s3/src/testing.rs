@@ -64,6 +64,12 @@ impl S3Server {
 
     /// Starts a server of kind `server`.
     pub fn start_kind(server: Server) -> S3Server {
+        Self::start_with_env(server, &[])
+    }
+
+    /// Starts a server of kind `server` with extra environment variables for its process
+    /// (benchmarks start garage with an `LD_PRELOAD` shim this way).
+    pub fn start_with_env(server: Server, env: &[(&str, &str)]) -> S3Server {
         let dir = tempfile::Builder::new().prefix("fvs3-").tempdir().expect("a temp dir for the S3 server");
         let port = free_port();
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
@@ -98,6 +104,7 @@ impl S3Server {
         // The machine's AWS settings must not leak into the server (or the client).
         cmd.env_remove("AWS_CA_BUNDLE")
             .env("AWS_EC2_METADATA_DISABLED", "true")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log);
@@ -154,6 +161,63 @@ impl S3Server {
         .expect("bucket creation thread");
     }
 
+    /// Makes the server check credentials. garage always does; moto accepts anything
+    /// until told otherwise, so a user with an allow-all policy and an access key is made
+    /// (unauthenticated IAM calls), the fixture switches to that key, and moto is told to
+    /// authenticate every request from then on. Afterwards a wrong secret key is refused
+    /// with SignatureDoesNotMatch and an unknown key with InvalidAccessKeyId.
+    pub fn require_auth(&mut self) {
+        if self.server != Server::Moto {
+            return;
+        }
+        let iam = |body: &str| self.post("/", body, true);
+        iam("Action=CreateUser&UserName=ferrovol&Version=2010-05-08");
+        let policy = "%7B%22Version%22%3A%222012-10-17%22%2C%22Statement%22%3A%5B%7B%22Effect%22%3A%22Allow%22%2C%22Action%22%3A%22%2A%22%2C%22Resource%22%3A%22%2A%22%7D%5D%7D";
+        iam(&format!(
+            "Action=PutUserPolicy&UserName=ferrovol&PolicyName=all&PolicyDocument={policy}&Version=2010-05-08"
+        ));
+        let out = iam("Action=CreateAccessKey&UserName=ferrovol&Version=2010-05-08");
+        let field = |name: &str| {
+            out.split(&format!("<{name}>"))
+                .nth(1)
+                .and_then(|r| r.split(&format!("</{name}>")).next())
+                .unwrap_or_else(|| panic!("moto's CreateAccessKey answer lacks {name}: {out}"))
+                .to_owned()
+        };
+        self.endpoint.access_key_id = field("AccessKeyId");
+        self.endpoint.secret_access_key = field("SecretAccessKey");
+        self.post("/moto-api/reset-auth", "0", false);
+    }
+
+    /// A plain HTTP POST to the server (moto's IAM and control API); answers the body.
+    fn post(&self, path: &str, body: &str, iam: bool) -> String {
+        use std::io::Read;
+        let mut s = TcpStream::connect(self.addr).expect("connect to the S3 server");
+        let auth = if iam {
+            "Authorization: AWS4-HMAC-SHA256 Credential=AKIAFERROVOL/20240101/us-east-1/iam/aws4_request, SignedHeaders=host, Signature=00\r\n"
+        } else {
+            ""
+        };
+        // moto's control API reads the raw body, which a form content type would consume.
+        let ctype = if iam { "application/x-www-form-urlencoded" } else { "text/plain" };
+        write!(
+            s,
+            "POST {path} HTTP/1.1\r\nHost: {}\r\n{auth}Content-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            self.addr,
+            body.len()
+        )
+        .expect("write the request");
+        let mut out = String::new();
+        s.read_to_string(&mut out).expect("read the answer");
+        assert!(out.starts_with("HTTP/1.1 200") || out.starts_with("HTTP/1.0 200"), "POST {path} {body}: {out}");
+        out
+    }
+
+    /// The server process's ID while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// The server's log so far, for failure messages.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self._dir.path().join("server.log")).unwrap_or_default()
@@ -183,6 +247,8 @@ impl S3Server {
     pub fn pause(&self) {
         if let Some(c) = &self.child {
             let _ = Command::new("kill").args(["-STOP", &c.id().to_string()]).status();
+            // A request already read before the signal landed may still be answered.
+            std::thread::sleep(std::time::Duration::from_millis(300));
         }
     }
 

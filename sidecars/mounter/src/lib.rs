@@ -1,2 +1,7 @@
 //! The S3 mounter: our FUSE filesystem over S3 and the process that holds its sessions.
+pub mod client;
+pub mod fs;
+pub mod fuse;
+pub mod mountinfo;
+pub mod server;
 pub mod wire;

@@ -34,6 +34,9 @@ pub struct MountSpec {
 }
 
 /// A request to the mounter.
+// One request per connection: the size of a Mount is of no consequence, and boxing it would
+// change the type the node plugin builds.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 #[serde(tag = "op", rename_all = "kebab-case")]
 pub enum Request {

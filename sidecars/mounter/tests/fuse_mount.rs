@@ -1,0 +1,383 @@
+//! The real mounter binary with real FUSE mounts over a real S3 server: files and
+//! directories through std::fs, the quota, read-only mounts, a paused server, a killed
+//! mounter and its successor's clean-up, and the protocol's errors. Every test undoes its
+//! mounts and processes on every path (the `Mounter` guard).
+#![cfg(all(feature = "kernel-tests", feature = "s3-tests"))]
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use ferrovol_core::error::Code;
+use ferrovol_mounter::client::MounterClient;
+use ferrovol_mounter::wire::MountSpec;
+use ferrovol_s3::record::{S3VolumeRecord, VolumeState};
+use ferrovol_s3::testing::S3Server;
+use ferrovol_s3::{build_client, Timeouts};
+
+static N: AtomicU32 = AtomicU32::new(0);
+
+/// A running mounter; dropping it unmounts what it holds (SIGTERM), then lazily unmounts
+/// every target a test used and kills the process.
+struct Mounter {
+    child: Option<Child>,
+    socket: PathBuf,
+    dir: tempfile::TempDir,
+    targets: Vec<PathBuf>,
+}
+
+fn mounted(target: &Path) -> bool {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    ferrovol_mounter::mountinfo::parse(&text).iter().any(|m| m.mount_point == target)
+}
+
+impl Mounter {
+    fn start() -> Mounter {
+        let dir = tempfile::Builder::new().prefix("fvmnt-").tempdir().expect("tempdir");
+        let socket = dir.path().join("mounter.sock");
+        let mut m = Mounter { child: None, socket, dir, targets: Vec::new() };
+        m.spawn();
+        m
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("mounter.log"))
+            .expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_ferrovol-mounter"))
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(["--log-level", "debug"])
+            .env_remove("AWS_CA_BUNDLE")
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start the ferrovol-mounter binary");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
+                return;
+            }
+            if let Some(Ok(Some(st))) = self.child.as_mut().map(Child::try_wait) {
+                panic!("the mounter exited at start ({st}): {}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("the mounter did not listen on {} within 20 s: {}", self.socket.display(), self.log());
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("mounter.log")).unwrap_or_default()
+    }
+
+    fn client(&self) -> MounterClient {
+        MounterClient::new(self.socket.clone())
+    }
+
+    /// A new empty directory to mount on, cleaned up by the guard.
+    fn target(&mut self) -> PathBuf {
+        let t = self.dir.path().join(format!("t{}", self.targets.len()));
+        std::fs::create_dir(&t).expect("target dir");
+        self.targets.push(t.clone());
+        t
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Mounter {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ =
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), nix::sys::signal::Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline && matches!(c.try_wait(), Ok(None)) {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for t in &self.targets {
+            while mounted(t) {
+                if nix::mount::umount2(t, nix::mount::MntFlags::MNT_DETACH).is_err() {
+                    break;
+                }
+            }
+        }
+        if std::thread::panicking() {
+            eprintln!("--- mounter log ---\n{}", self.log());
+        }
+    }
+}
+
+/// Writes a volume's record into the server's bucket and returns a spec mounting it.
+async fn volume(s: &S3Server, target: &Path, quota: u64, read_only: bool) -> MountSpec {
+    let local = format!("pvc-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed));
+    let id = format!("s3.vol:{}:{local}", s.bucket);
+    let spec = MountSpec {
+        volume_id: id,
+        target: target.to_owned(),
+        endpoint: s.endpoint.clone(),
+        bucket: s.bucket.clone(),
+        data_prefix: format!("ferrovol/volumes/{local}/fs/"),
+        record_key: format!("ferrovol/volumes/{local}/volume.json"),
+        read_only,
+        uid: 1000,
+        gid: 2000,
+        file_mode: 0o640,
+        dir_mode: 0o750,
+        timeout_secs: 3,
+    };
+    write_record(s, &spec, quota).await;
+    spec
+}
+
+async fn write_record(s: &S3Server, spec: &MountSpec, quota: u64) {
+    let rec = S3VolumeRecord {
+        version: 1,
+        name: spec.volume_id.rsplit(':').next().unwrap_or_default().to_owned(),
+        id: spec.volume_id.clone(),
+        capacity_bytes: quota,
+        own_bucket: false,
+        state: VolumeState::Ready,
+        source: None,
+        parameters: Default::default(),
+        created_unix: 0,
+    };
+    let body = serde_json::to_vec(&rec).expect("record json");
+    build_client(&s.endpoint, Timeouts::default())
+        .put_object()
+        .bucket(&s.bucket)
+        .key(&spec.record_key)
+        .body(body.into())
+        .send()
+        .await
+        .expect("put the volume record");
+}
+
+fn pattern(len: usize) -> Vec<u8> {
+    (0..len).map(|i| ((i * 7 + i / 1000) % 253) as u8).collect()
+}
+
+fn errno(r: std::io::Result<impl Sized>) -> i32 {
+    r.map(|_| ()).expect_err("the operation should fail").raw_os_error().unwrap_or(0)
+}
+
+/// Runs `op` on a thread and returns its result, or None when it did not return in `limit`.
+fn within<T: Send + 'static>(limit: Duration, op: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(op());
+    });
+    rx.recv_timeout(limit).ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_and_directories_work_through_a_real_mount() {
+    let s = S3Server::start();
+    let mut m = Mounter::start();
+    let t = m.target();
+    let quota = 256 << 20;
+    let spec = volume(&s, &t, quota, false).await;
+    let c = m.client();
+    c.mount(&spec).await.expect("mount");
+    c.mount(&spec).await.expect("a repeat of the same mount is OK");
+    let info = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    let line = info.lines().find(|l| l.contains(&*t.to_string_lossy())).expect("the mount is listed");
+    assert!(line.contains(&format!("fuse.ferrovol ferrovol:{}", spec.volume_id)), "{line}");
+
+    std::fs::create_dir(t.join("d")).expect("mkdir");
+    std::fs::write(t.join("d/a.txt"), b"hello, s3").expect("write small");
+    assert_eq!(std::fs::read(t.join("d/a.txt")).expect("read small"), b"hello, s3");
+    let big = pattern(20 * 1024 * 1024 + 4321); // more than two 8 MiB parts
+    let w = Instant::now();
+    std::fs::write(t.join("d/big"), &big).expect("write big");
+    let wrote = w.elapsed();
+    let r = Instant::now();
+    let back = std::fs::read(t.join("d/big")).expect("read big");
+    let read = r.elapsed();
+    assert!(back == big, "the big file read back differs ({} vs {} bytes)", back.len(), big.len());
+    eprintln!("20 MiB through FUSE on {}: write {wrote:?}, read {read:?}", s.server.name());
+
+    let mut names: Vec<String> = std::fs::read_dir(t.join("d"))
+        .expect("ls d")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["a.txt", "big"]);
+    let md = std::fs::metadata(t.join("d/a.txt")).expect("stat file");
+    assert_eq!((md.uid(), md.gid(), md.permissions().mode() & 0o7777, md.len()), (1000, 2000, 0o640, 9));
+    let md = std::fs::metadata(t.join("d")).expect("stat dir");
+    assert!(md.is_dir());
+    assert_eq!((md.uid(), md.gid(), md.permissions().mode() & 0o7777), (1000, 2000, 0o750));
+
+    std::fs::rename(t.join("d/a.txt"), t.join("b.txt")).expect("rename");
+    assert_eq!(std::fs::read(t.join("b.txt")).expect("read renamed"), b"hello, s3");
+    assert_eq!(errno(std::fs::metadata(t.join("d/a.txt"))), libc::ENOENT);
+    assert_eq!(errno(std::fs::remove_dir(t.join("d"))), libc::ENOTEMPTY);
+    std::fs::remove_file(t.join("d/big")).expect("unlink");
+    std::fs::remove_dir(t.join("d")).expect("rmdir");
+    assert_eq!(errno(std::fs::metadata(t.join("d"))), libc::ENOENT);
+
+    let vfs = nix::sys::statvfs::statvfs(&t).expect("statfs");
+    assert_eq!(vfs.blocks() as u64 * vfs.fragment_size() as u64, quota);
+    let stats = c.stats(&t).await.expect("stats");
+    assert_eq!((stats.used_bytes, stats.quota_bytes, stats.healthy), (9, quota, true));
+    assert_eq!(vfs.blocks_free() as u64 * vfs.fragment_size() as u64, quota - 4096);
+    assert_eq!(c.list().await.expect("list").len(), 1);
+
+    // Another volume cannot take the target.
+    let mut other = volume(&s, &t, quota, false).await;
+    other.target = t.clone();
+    assert_eq!(c.mount(&other).await.expect_err("taken").code(), Code::FailedPrecondition);
+
+    c.unmount(&t).await.expect("unmount");
+    assert!(!mounted(&t), "nothing left in mountinfo");
+    c.unmount(&t).await.expect("a repeat of the unmount is OK");
+    assert_eq!(c.stats(&t).await.expect_err("not mounted").code(), Code::NotFound);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_quota_stops_writes_with_enospc_until_it_is_raised() {
+    let s = S3Server::start();
+    let mut m = Mounter::start();
+    let t = m.target();
+    let spec = volume(&s, &t, 4 << 20, false).await;
+    let c = m.client();
+    c.mount(&spec).await.expect("mount");
+    std::fs::write(t.join("a"), pattern(3 << 20)).expect("3 MiB fits");
+    let e = std::fs::write(t.join("b"), pattern(2 << 20)).expect_err("over the quota");
+    assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "{e}");
+    assert_eq!(errno(std::fs::metadata(t.join("b"))), libc::ENOENT, "nothing was committed");
+    write_record(&s, &spec, 16 << 20).await;
+    assert_eq!(c.refresh_quota(&t).await.expect("refresh"), 16 << 20);
+    std::fs::write(t.join("b"), pattern(2 << 20)).expect("fits after the refresh");
+    assert_eq!(c.stats(&t).await.expect("stats").used_bytes, 5 << 20);
+    c.unmount(&t).await.expect("unmount");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_mount_refuses_writes_with_erofs() {
+    let s = S3Server::start();
+    let mut m = Mounter::start();
+    let t = m.target();
+    let spec = volume(&s, &t, 1 << 30, true).await;
+    build_client(&s.endpoint, Timeouts::default())
+        .put_object()
+        .bucket(&s.bucket)
+        .key(format!("{}f.txt", spec.data_prefix))
+        .body(b"read me".to_vec().into())
+        .send()
+        .await
+        .expect("put");
+    let c = m.client();
+    c.mount(&spec).await.expect("mount read-only");
+    assert_eq!(std::fs::read(t.join("f.txt")).expect("read"), b"read me");
+    assert_eq!(errno(std::fs::write(t.join("g.txt"), b"x")), libc::EROFS);
+    assert_eq!(errno(std::fs::write(t.join("f.txt"), b"x")), libc::EROFS);
+    assert_eq!(errno(std::fs::create_dir(t.join("d"))), libc::EROFS);
+    assert_eq!(errno(std::fs::remove_file(t.join("f.txt"))), libc::EROFS);
+    c.unmount(&t).await.expect("unmount");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_server_makes_ls_and_cat_fail_with_eio_within_the_bound() {
+    let s = S3Server::start();
+    let mut m = Mounter::start();
+    let t = m.target();
+    let spec = volume(&s, &t, 1 << 30, false).await;
+    let bound = Duration::from_secs(spec.timeout_secs);
+    let c = m.client();
+    c.mount(&spec).await.expect("mount");
+    std::fs::write(t.join("f"), b"some data").expect("write");
+    s.pause();
+    // SIGSTOP takes effect when the server's threads are next scheduled: let it settle.
+    std::thread::sleep(Duration::from_millis(300));
+    let start = Instant::now();
+    let (t1, t2) = (t.clone(), t.clone());
+    let ls = within(bound + Duration::from_secs(3), move || std::fs::read_dir(&t1).map(|d| d.count()));
+    let ls_took = start.elapsed();
+    let start = Instant::now();
+    let cat = within(bound + Duration::from_secs(3), move || std::fs::read(t2.join("f")));
+    let cat_took = start.elapsed();
+    let stats = c.stats(&t).await.expect("stats");
+    s.resume();
+    let ls = ls.unwrap_or_else(|| panic!("ls hung past {:?}", bound + Duration::from_secs(3)));
+    let cat = cat.unwrap_or_else(|| panic!("cat hung past {:?}", bound + Duration::from_secs(3)));
+    assert_eq!(errno(ls), libc::EIO, "ls after {ls_took:?}");
+    assert_eq!(errno(cat), libc::EIO, "cat after {cat_took:?}");
+    eprintln!("paused server: ls failed in {ls_took:?}, cat in {cat_took:?} (bound {bound:?})");
+    assert!(!stats.healthy && !stats.message.is_empty(), "{stats:?}");
+    assert!(!stats.message.contains(&s.endpoint.secret_access_key));
+    assert_eq!(std::fs::read(t.join("f")).expect("works again after resume"), b"some data");
+    c.unmount(&t).await.expect("unmount");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_mounter_leaves_enotconn_and_the_next_mount_replaces_it() {
+    let s = S3Server::start();
+    let mut m = Mounter::start();
+    let t = m.target();
+    let spec = volume(&s, &t, 1 << 30, false).await;
+    m.client().mount(&spec).await.expect("mount");
+    std::fs::write(t.join("f"), b"kept in S3").expect("write");
+    m.kill9();
+    assert_eq!(errno(std::fs::metadata(&t)), libc::ENOTCONN);
+    assert!(mounted(&t), "the dead mount stays until someone removes it");
+    m.spawn(); // same socket: the stale socket is replaced
+               // Dead mounts stay until they are mounted again: one may be a pod's target, and a bare
+               // directory there would take the pod's writes onto the node's disk silently.
+    assert!(mounted(&t), "the new mounter leaves the dead mount in place");
+    assert_eq!(errno(std::fs::metadata(&t)), libc::ENOTCONN, "and it still fails every access");
+    assert!(m.log().contains("a dead mount left by a previous mounter"), "it reports it in its log");
+    m.client().mount(&spec).await.expect("mount again");
+    assert_eq!(std::fs::read(t.join("f")).expect("read"), b"kept in S3");
+    m.client().unmount(&t).await.expect("unmount");
+    assert!(!mounted(&t));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mount_errors_name_the_volume_and_the_cause() {
+    let s = S3Server::start();
+    let mut m = Mounter::start();
+    let c = m.client();
+    let t = m.target();
+    let mut spec = volume(&s, &t, 1 << 30, false).await;
+
+    let mut missing = spec.clone();
+    missing.record_key = "ferrovol/volumes/nope/volume.json".into();
+    let e = c.mount(&missing).await.expect_err("no record");
+    assert_eq!(e.code(), Code::NotFound, "{e}");
+    assert!(e.to_string().contains(&spec.volume_id), "{e}");
+
+    std::fs::write(t.join("x"), b"x").expect("make the target non-empty");
+    let e = c.mount(&spec).await.expect_err("not empty");
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
+    assert!(e.to_string().contains("not empty"), "{e}");
+    std::fs::remove_file(t.join("x")).expect("rm");
+
+    let mut unreachable = spec.clone();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr").port();
+    unreachable.endpoint.endpoint = format!("http://127.0.0.1:{port}");
+    unreachable.timeout_secs = 2;
+    let e = c.mount(&unreachable).await.expect_err("unreachable");
+    assert_eq!(e.code(), Code::Unavailable, "{e}");
+    assert!(!e.to_string().contains(&s.endpoint.secret_access_key), "{e}");
+    assert!(!m.log().contains(&s.endpoint.secret_access_key), "no secret in the mounter's log");
+    assert!(!mounted(&t));
+
+    spec.target = PathBuf::from("relative/path");
+    assert_eq!(c.mount(&spec).await.expect_err("relative").code(), Code::InvalidArgument);
+}
