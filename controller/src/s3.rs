@@ -165,7 +165,7 @@ impl ControllerService {
         )?;
         let node = NodeId::parse(&r.node_id)
             .map_err(|_| Error::NodeNotFound { node: printable(&r.node_id), reason: "not a valid node ID".into() })?;
-        self.s3.publish_volume(id, &node, &r.secrets).await?;
+        self.s3.publish_volume(id, &node, r.readonly, &r.secrets).await?;
         Ok(csi::ControllerPublishVolumeResponse {
             publish_context: HashMap::from([(PUBLISH_CONTEXT_NODE.to_string(), node.to_string())]),
         })
@@ -268,10 +268,17 @@ impl ControllerService {
     }
 
     /// The S3 snapshots ListSnapshots shows: the one asked for, or those the controller
-    /// can see (see [`ferrovol_s3::S3Controller::list_snapshots`]).
+    /// can see (see [`ferrovol_s3::S3Controller::list_snapshots`]). A snapshot asked for
+    /// that cannot be looked for (no secrets in the request, none remembered for its
+    /// bucket) cannot be found: an empty list, as CSI answers an unknown snapshot_id.
     pub(crate) async fn s3_list_snapshots(&self, r: &csi::ListSnapshotsRequest) -> Result<Vec<csi::Snapshot>> {
         if !r.snapshot_id.is_empty() {
             let Some(id) = s3_snapshot(&r.snapshot_id) else { return Ok(Vec::new()) };
+            let bucket = ferrovol_s3::layout::snapshot_bucket(&id);
+            if r.secrets.is_empty() && self.s3.known_endpoint(bucket).is_none() {
+                tracing::debug!(snapshot = %id, bucket = %bucket, "ListSnapshots: no secrets in the request and none seen for the snapshot's bucket; answering an empty list");
+                return Ok(Vec::new());
+            }
             return match self.s3_get_snapshot(&id, &r.secrets).await {
                 Ok(s) => Ok(vec![snapshot_proto(&s)]),
                 Err(e) if e.code() == Code::NotFound => Ok(Vec::new()),

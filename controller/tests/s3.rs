@@ -169,6 +169,16 @@ async fn s3_rpcs_are_routed_checked_and_merged() {
     for n in ["node-1", "elsewhere-7"] {
         svc.controller_publish_volume(Request::new(publish(&sh.volume_id, n))).await.expect("publish");
     }
+    // The same node with an incompatible capability (read-only this time) is ALREADY_EXISTS.
+    let e = svc
+        .controller_publish_volume(Request::new(csi::ControllerPublishVolumeRequest {
+            readonly: true,
+            ..publish(&sh.volume_id, "node-1")
+        }))
+        .await
+        .expect_err("readonly differs");
+    assert_eq!(e.code(), Code::AlreadyExists, "{}", e.message());
+    svc.controller_publish_volume(Request::new(publish(&sh.volume_id, "node-1"))).await.expect("compatible repeat");
     let got = svc
         .controller_get_volume(Request::new(csi::ControllerGetVolumeRequest { volume_id: sh.volume_id.clone() }))
         .await
@@ -279,6 +289,28 @@ async fn s3_rpcs_are_routed_checked_and_merged() {
         .expect("get snapshot (remembered endpoint)")
         .into_inner();
     assert_eq!(got.snapshot.map(|s| s.snapshot_id), Some(snap.snapshot_id.clone()));
+    // A controller that has seen no secrets for the snapshot's bucket cannot find it:
+    // ListSnapshots by its ID answers an empty list (CSI's answer for an unknown ID), not
+    // an error; GetSnapshot says which secrets it needs.
+    let fresh = service();
+    let none = fresh
+        .list_snapshots(Request::new(csi::ListSnapshotsRequest {
+            snapshot_id: snap.snapshot_id.clone(),
+            ..Default::default()
+        }))
+        .await
+        .expect("empty list, not an error")
+        .into_inner();
+    assert!(none.entries.is_empty());
+    let e = fresh
+        .get_snapshot(Request::new(csi::GetSnapshotRequest {
+            snapshot_id: snap.snapshot_id.clone(),
+            ..Default::default()
+        }))
+        .await
+        .expect_err("no secrets");
+    assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
+    assert!(e.message().contains("accessKeyID"), "{}", e.message());
 
     // A published volume is not deleted; unpublished, it is.
     let e = svc

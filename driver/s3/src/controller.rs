@@ -21,7 +21,7 @@ use ferrovol_core::error::{Error, Result};
 use ferrovol_core::guard::{InFlight, InFlightGuard};
 use ferrovol_core::ids::{Family, LocalName, NodeId, SnapshotId, VolumeId};
 use ferrovol_core::volume::Condition;
-use tokio::task::JoinSet;
+use tokio::task::{JoinError, JoinSet};
 
 use crate::client::{build_client, Timeouts};
 use crate::endpoint::S3Endpoint;
@@ -32,17 +32,39 @@ use store::Store;
 pub use snapshots::S3Snapshot;
 pub use volumes::{S3Volume, S3VolumeStatus};
 
+/// Objects larger than this are copied as multipart copies (UploadPartCopy), so that no
+/// single call copies more than [`COPY_PART_BYTES`] (CopyObject's own limit is 5 GiB).
+pub const MULTIPART_COPY_ABOVE: u64 = 256 << 20;
+/// The part size of a multipart copy.
+pub const COPY_PART_BYTES: u64 = 64 << 20;
+/// UploadPartCopy calls in flight for one object.
+pub const COPY_PARTS_IN_FLIGHT: usize = 4;
+/// The least time one attempt of a copy call (CopyObject of up to
+/// [`MULTIPART_COPY_ABOVE`], UploadPartCopy of [`COPY_PART_BYTES`], or the completion) may
+/// take, whatever `--s3-timeout` says: the server copies the bytes before it answers, and
+/// 120 s lets a 64 MiB part through at about 0.5 MiB/s (a 256 MiB object at about 2 MiB/s),
+/// even with 16 objects × 4 parts copying at once on a busy server.
+pub const COPY_ATTEMPT_MIN: std::time::Duration = std::time::Duration::from_secs(120);
+/// How many more times an object whose source changed during its copy is copied again.
+pub const COPY_SOURCE_RETRIES: u32 = 3;
+
 /// How much the controller does at once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Tuning {
-    /// CopyObject calls in flight during a snapshot, restore or clone.
+    /// Objects copied at once during a snapshot, restore or clone.
     pub copy_parallel: usize,
     /// DeleteObjects calls (of 1000 keys each) in flight during a delete.
     pub delete_in_flight: usize,
-    /// Objects larger than this are copied as multipart uploads (CopyObject's limit is 5 GiB).
+    /// Objects larger than this are copied as multipart copies.
     pub multipart_copy_above: u64,
     /// The part size of a multipart copy.
     pub copy_part_bytes: u64,
+    /// UploadPartCopy calls in flight for one object.
+    pub copy_parts_in_flight: usize,
+    /// The least per-attempt bound of a copy call ([`Timeouts::for_copies`]).
+    pub copy_attempt_min: std::time::Duration,
+    /// Copies again from the start of an object whose source changed meanwhile.
+    pub copy_source_retries: u32,
     /// Record reads in flight while listing volumes and snapshots.
     pub list_parallel: usize,
 }
@@ -52,8 +74,11 @@ impl Default for Tuning {
         Tuning {
             copy_parallel: 16,
             delete_in_flight: 4,
-            multipart_copy_above: 5 << 30,
-            copy_part_bytes: 512 << 20,
+            multipart_copy_above: MULTIPART_COPY_ABOVE,
+            copy_part_bytes: COPY_PART_BYTES,
+            copy_parts_in_flight: COPY_PARTS_IN_FLIGHT,
+            copy_attempt_min: COPY_ATTEMPT_MIN,
+            copy_source_retries: COPY_SOURCE_RETRIES,
             list_parallel: 16,
         }
     }
@@ -68,7 +93,8 @@ pub struct S3Controller {
 struct Inner {
     timeouts: Timeouts,
     tuning: Tuning,
-    /// bucket → the endpoint last seen in a request with secrets for it. Memory only.
+    /// bucket → the endpoint of the last request with secrets whose S3 call on that
+    /// bucket succeeded. Memory only.
     known: Mutex<HashMap<String, S3Endpoint>>,
     /// One client per distinct endpoint and credentials (connection reuse).
     clients: Mutex<Vec<(S3Endpoint, aws_sdk_s3::Client)>>,
@@ -113,7 +139,8 @@ impl S3Controller {
         self.inner.known.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Remembers that `ep` reaches `bucket` (memory only; never persisted or logged).
+    /// Remembers that `ep` reaches `bucket` (memory only; never persisted or logged). The
+    /// controller calls it only after an S3 call on `bucket` with `ep` succeeded.
     pub fn remember(&self, bucket: &str, ep: &S3Endpoint) {
         let mut known = self.known();
         if known.get(bucket) != Some(ep) {
@@ -126,12 +153,10 @@ impl S3Controller {
         self.known().get(bucket).cloned()
     }
 
-    /// The endpoint of a request's secrets for `bucket`: a missing key is INVALID_ARGUMENT
-    /// naming it. The bucket is remembered with it.
-    pub fn endpoint(&self, bucket: &str, secrets: &HashMap<String, String>) -> Result<S3Endpoint> {
-        let ep = S3Endpoint::from_secrets("secrets", secrets)?;
-        self.remember(bucket, &ep);
-        Ok(ep)
+    /// The endpoint of a request's secrets: a missing key is INVALID_ARGUMENT naming it.
+    /// Nothing is remembered until an S3 call on the bucket with it succeeds.
+    pub fn endpoint(&self, secrets: &HashMap<String, String>) -> Result<S3Endpoint> {
+        S3Endpoint::from_secrets("secrets", secrets)
     }
 
     /// The request's secrets if it carries any, else the endpoint remembered for `bucket`;
@@ -149,7 +174,7 @@ impl S3Controller {
                 ),
             ));
         }
-        self.endpoint(bucket, secrets)
+        self.endpoint(secrets)
     }
 
     fn client(&self, ep: &S3Endpoint) -> aws_sdk_s3::Client {
@@ -198,8 +223,9 @@ impl S3Controller {
     }
 
     /// The buckets to look into for a listing: every known one, and the driver's own buckets
-    /// (`fv-*`) that ListBuckets shows to each known endpoint and to `extra`; a bucket
-    /// found this way is remembered. An endpoint whose ListBuckets is refused contributes
+    /// (`fv-*` holding our marker `ferrovol/bucket.json`) that ListBuckets shows to each
+    /// known endpoint and to `extra`; a bucket found this way is remembered once its marker
+    /// was read. An endpoint whose ListBuckets is refused contributes
     /// only its known buckets (logged at debug); one that does not answer contributes none
     /// (logged at warn), so that a dead endpoint costs a listing one timeout, not one per
     /// bucket.
@@ -220,13 +246,22 @@ impl S3Controller {
             }
         })
         .await;
-        for (ep, r) in found {
+        let mut candidates: Vec<(String, S3Endpoint)> = Vec::new();
+        for r in found {
+            let (ep, r) = match r {
+                Ok(v) => v,
+                Err(e) => {
+                    tracing::error!(error = %e, "a ListBuckets task failed; its endpoint's own buckets are left out");
+                    continue;
+                }
+            };
             match r {
                 Ok(names) => {
                     for n in names {
-                        if !pairs.iter().any(|(b, _)| *b == n) && ferrovol_core::params::is_bucket_name(&n) {
-                            self.remember(&n, &ep);
-                            pairs.push((n, ep.clone()));
+                        if !pairs.iter().chain(&candidates).any(|(b, _)| *b == n)
+                            && ferrovol_core::params::is_bucket_name(&n)
+                        {
+                            candidates.push((n, ep.clone()));
                         }
                     }
                 }
@@ -239,8 +274,44 @@ impl S3Controller {
                 }
             }
         }
+        // Only buckets that hold our marker are ours: anyone may name a bucket fv-*.
+        let marked = parallel(candidates, 8, |(bucket, ep)| {
+            let store = me.store(&ep, &bucket);
+            async move {
+                let r = store.get_json::<crate::record::BucketMarker>(crate::layout::BUCKET_MARKER).await;
+                (bucket, ep, r)
+            }
+        })
+        .await;
+        for r in marked {
+            match r {
+                Ok((bucket, ep, Ok(Some(_)))) => {
+                    self.remember(&bucket, &ep);
+                    pairs.push((bucket, ep));
+                }
+                Ok((bucket, _, Ok(None))) => {
+                    tracing::debug!(bucket = %bucket, "bucket fv-* without our marker left out of the listing")
+                }
+                Ok((bucket, _, Err(f))) => {
+                    tracing::debug!(bucket = %bucket, error = %f.message, "cannot read the marker of an fv-* bucket; left out of the listing")
+                }
+                Err(e) => tracing::error!(error = %e, "a marker check failed; its bucket is left out of the listing"),
+            }
+        }
         pairs.sort_by(|a, b| a.0.cmp(&b.0));
         pairs
+    }
+
+    /// How this controller copies one object.
+    pub(crate) fn copy_plan(&self) -> store::CopyPlan {
+        let t = self.inner.tuning;
+        store::CopyPlan {
+            multipart_above: t.multipart_copy_above,
+            part_bytes: t.copy_part_bytes,
+            parts_in_flight: t.copy_parts_in_flight,
+            timeouts: self.inner.timeouts.for_copies(t.copy_attempt_min),
+            source_retries: t.copy_source_retries,
+        }
     }
 }
 
@@ -270,8 +341,9 @@ pub(crate) fn now() -> (i64, i32) {
     (d.as_secs() as i64, d.subsec_nanos() as i32)
 }
 
-/// Runs `f` on each item with at most `n` at once; answers the results in input order.
-pub(crate) async fn parallel<I, T, F, Fut>(items: Vec<I>, n: usize, f: F) -> Vec<T>
+/// Runs `f` on each item, each on a task of its own, with at most `n` at once; answers the
+/// results in input order, a task that panicked as its JoinError (never dropped).
+pub(crate) async fn parallel<I, T, F, Fut>(items: Vec<I>, n: usize, f: F) -> Vec<std::result::Result<T, JoinError>>
 where
     I: Send + 'static,
     T: Send + 'static,
@@ -279,35 +351,55 @@ where
     Fut: Future<Output = T> + Send + 'static,
 {
     let mut tasks = JoinSet::new();
-    let mut out: Vec<Option<T>> = Vec::with_capacity(items.len());
-    let total = items.len();
-    out.resize_with(total, || None);
+    let mut index: HashMap<tokio::task::Id, usize> = HashMap::new();
+    let mut out: Vec<Option<std::result::Result<T, JoinError>>> = Vec::with_capacity(items.len());
+    out.resize_with(items.len(), || None);
     for (i, item) in items.into_iter().enumerate() {
         while tasks.len() >= n.max(1) {
-            if let Some(Ok((j, v))) = tasks.join_next().await {
-                out[j] = Some(v);
+            if let Some(r) = tasks.join_next().await {
+                settle(r, &index, &mut out);
             }
         }
         let fut = f(item);
-        tasks.spawn(async move { (i, fut.await) });
+        let handle = tasks.spawn(async move { (i, fut.await) });
+        index.insert(handle.id(), i);
     }
     while let Some(r) = tasks.join_next().await {
-        if let Ok((j, v)) = r {
-            out[j] = Some(v);
-        }
+        settle(r, &index, &mut out);
     }
     out.into_iter().flatten().collect()
 }
 
-/// A copy job: source key, size, destination key.
-type CopyJob = (String, u64, String);
+/// Puts a task's result (or its JoinError) at its input's place.
+fn settle<T>(
+    r: std::result::Result<(usize, T), JoinError>,
+    index: &HashMap<tokio::task::Id, usize>,
+    out: &mut [Option<std::result::Result<T, JoinError>>],
+) {
+    let (i, v) = match r {
+        Ok((i, v)) => (Some(i), Ok(v)),
+        Err(e) => (index.get(&e.id()).copied(), Err(e)),
+    };
+    if let Some(slot) = i.and_then(|i| out.get_mut(i)) {
+        *slot = Some(v);
+    }
+}
+
+/// A copy job: the source object, the destination key, and what is there already.
+struct CopyJob {
+    src: store::Listed,
+    dst_key: String,
+    existing: Option<store::Listed>,
+}
 
 impl S3Controller {
     /// Copies every object under `src_prefix` of `src` to `dst_prefix` of `dst` on the
-    /// server, `copy_parallel` at a time. Objects already at the destination with the same
-    /// size and ETag (an earlier, interrupted attempt) are not copied again, and objects
-    /// at the destination the source does not have are removed. Answers the bytes the
-    /// destination holds.
+    /// server, `copy_parallel` objects at a time, each tied to the version listed. Objects
+    /// already at the destination as copies of the same source version (an earlier,
+    /// interrupted attempt: same size, and same ETag or the source ETag the copy recorded)
+    /// are not copied again, and objects at the destination the source does not have are
+    /// removed. Answers the bytes the destination holds. Any object that could not be
+    /// copied (a task that panicked included) fails the whole copy.
     pub(crate) async fn copy_prefix(
         &self,
         src: &Store,
@@ -317,36 +409,37 @@ impl S3Controller {
     ) -> Result<u64> {
         let source = src.list(src_prefix).await.map_err(fail)?;
         let existing = dst.list(dst_prefix).await.map_err(fail)?;
-        let total: u64 = source.iter().map(|o| o.size).sum();
         let mut jobs: Vec<CopyJob> = Vec::new();
         for o in &source {
             let Some(rest) = o.key.strip_prefix(src_prefix) else { continue };
             let dst_key = format!("{dst_prefix}{rest}");
-            let done =
-                existing.iter().any(|e| e.key == dst_key && e.size == o.size && !o.etag.is_empty() && e.etag == o.etag);
-            if !done {
-                jobs.push((o.key.clone(), o.size, dst_key));
-            }
+            let there = existing.iter().find(|e| e.key == dst_key).cloned();
+            jobs.push(CopyJob { src: o.clone(), dst_key, existing: there });
         }
-        let extra: Vec<String> = existing
-            .iter()
-            .filter(|e| {
-                !source
-                    .iter()
-                    .any(|o| o.key.strip_prefix(src_prefix).map(|r| format!("{dst_prefix}{r}")) == Some(e.key.clone()))
-            })
-            .map(|e| e.key.clone())
-            .collect();
-        let t = self.inner.tuning;
+        let extra: Vec<String> =
+            existing.iter().filter(|e| !jobs.iter().any(|j| j.dst_key == e.key)).map(|e| e.key.clone()).collect();
+        let (t, plan) = (self.inner.tuning, self.copy_plan());
         let src_bucket = src.bucket.clone();
-        let results = parallel(jobs, t.copy_parallel, |(sk, size, dk)| {
+        let results = parallel(jobs, t.copy_parallel, |job| {
             let dst = dst.clone();
             let sb = src_bucket.clone();
-            async move { dst.copy(&sb, &sk, size, &dk, t.multipart_copy_above, t.copy_part_bytes).await }
+            async move {
+                if let Some(there) = &job.existing {
+                    if dst.is_copy_of(there, &job.src).await? {
+                        return Ok(there.size);
+                    }
+                }
+                dst.copy(&sb, &job.src, &job.dst_key, &plan).await
+            }
         })
         .await;
-        if let Some(f) = results.into_iter().find_map(std::result::Result::err) {
-            return Err(fail(f));
+        let mut total = 0u64;
+        for r in results {
+            match r {
+                Ok(Ok(bytes)) => total += bytes,
+                Ok(Err(f)) => return Err(fail(f)),
+                Err(e) => return Err(Error::system("S3 copy", format!("an object of bucket {}", dst.bucket), e)),
+            }
         }
         for chunk in extra.chunks(store::DELETE_BATCH) {
             dst.delete_batch(chunk.to_vec()).await.map_err(fail)?;
@@ -375,3 +468,26 @@ pub(crate) fn is_not_found(f: &S3Failure) -> bool {
 
 /// Re-exported for callers that hold snapshot records.
 pub type SnapshotRecord = S3SnapshotRecord;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn parallel_keeps_order_and_reports_a_panicked_task() {
+        let out = parallel((0..20u32).collect(), 3, |i| async move {
+            tokio::time::sleep(std::time::Duration::from_millis(u64::from(20 - i))).await;
+            assert!(i != 7, "task 7 panics");
+            i * 2
+        })
+        .await;
+        assert_eq!(out.len(), 20, "no task is dropped");
+        for (i, r) in out.iter().enumerate() {
+            match r {
+                Ok(v) => assert_eq!(*v, i as u32 * 2),
+                Err(e) => assert!(i == 7 && e.is_panic(), "{i}: {e}"),
+            }
+        }
+        assert!(out[7].is_err(), "the panic is reported at its place");
+    }
+}

@@ -8,6 +8,7 @@ pub mod controller;
 pub mod endpoint;
 pub mod error;
 pub mod layout;
+pub mod md5;
 pub mod record;
 #[cfg(feature = "testing")]
 pub mod testing;

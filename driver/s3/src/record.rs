@@ -66,3 +66,12 @@ pub struct BucketMarker {
     pub volume_id: String,
     pub created_unix: i64,
 }
+
+/// `ferrovol/volumes/<local>/published/<node>`: the volume is ControllerPublished to
+/// `<node>`. Markers written before they had a body are empty.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PublishMarker {
+    pub version: u32,
+    /// Published read-only (ControllerPublishVolume's `readonly`).
+    pub readonly: bool,
+}

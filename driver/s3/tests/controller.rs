@@ -12,9 +12,10 @@ use ferrovol_core::error::Code;
 use ferrovol_core::ids::{LocalName, NodeId};
 use ferrovol_core::params::VolumeParams;
 use ferrovol_core::volume::{CapacityRange, GIB, MIB};
+use ferrovol_s3::controller::store::{self, CopyPlan, Listed, Store};
 use ferrovol_s3::controller::Tuning;
 use ferrovol_s3::record::{S3VolumeRecord, VolumeState};
-use ferrovol_s3::testing::S3Server;
+use ferrovol_s3::testing::{S3Server, Server};
 use ferrovol_s3::{build_client, layout, S3Controller, Timeouts};
 use tokio::task::JoinSet;
 
@@ -206,7 +207,9 @@ async fn a_wrong_secret_key_names_the_refused_call_and_never_the_secret() {
         let bucket = if own { "fv-pvc-auth-bad" } else { server.bucket.as_str() };
         let call =
             ["HeadBucket", "GetObject", "CreateBucket"].iter().any(|c| msg.contains(&format!("S3 refused {c} on")));
-        assert!(call && msg.contains(bucket) && msg.contains("SignatureDoesNotMatch"), "{msg}");
+        // What S3 said: moto and AWS say SignatureDoesNotMatch, garage AccessDenied "Invalid signature".
+        let said = msg.contains("SignatureDoesNotMatch") || msg.contains("Invalid signature");
+        assert!(call && msg.contains(bucket) && said, "{msg}");
         assert!(msg.contains("credentials"), "{msg}");
         assert!(!msg.contains(wrong), "the secret leaked: {msg}");
         assert!(!msg.contains(&server.endpoint.secret_access_key), "the real secret leaked: {msg}");
@@ -417,13 +420,31 @@ async fn publications_are_marker_objects_and_block_deletion() {
         .await
         .expect("create");
     for n in ["node-b", "node-a"] {
-        ctl.publish_volume(&v.id, &NodeId::parse(n).expect("node"), &secrets).await.expect("publish");
+        ctl.publish_volume(&v.id, &NodeId::parse(n).expect("node"), false, &secrets).await.expect("publish");
     }
-    ctl.publish_volume(&v.id, &NodeId::parse("node-a").expect("node"), &secrets).await.expect("repeat");
+    ctl.publish_volume(&v.id, &NodeId::parse("node-a").expect("node"), false, &secrets).await.expect("repeat");
     let prefix = format!("{}published/", layout::volume_prefix(v.id.local()));
     let mut markers = keys(&c, &server.bucket, &prefix).await;
     markers.sort();
     assert_eq!(markers, vec![format!("{prefix}node-a"), format!("{prefix}node-b")]);
+    // The marker says whether the publication is read-only; the same node with the other
+    // setting is ALREADY_EXISTS, and the marker is left as it was.
+    let marker: ferrovol_s3::record::PublishMarker =
+        serde_json::from_slice(&get(&c, &server.bucket, &format!("{prefix}node-a")).await).expect("marker body");
+    assert!(!marker.readonly);
+    let e = ctl
+        .publish_volume(&v.id, &NodeId::parse("node-a").expect("node"), true, &secrets)
+        .await
+        .expect_err("other readonly");
+    assert_eq!(e.code(), Code::AlreadyExists, "{e}");
+    assert!(e.to_string().contains("node-a") && e.to_string().contains("readonly"), "{e}");
+    // A marker written before markers had a body (empty) is compatible, and gets one.
+    put(&c, &server.bucket, &format!("{prefix}node-old"), Vec::new()).await;
+    ctl.publish_volume(&v.id, &NodeId::parse("node-old").expect("node"), true, &secrets).await.expect("old marker");
+    let marker: ferrovol_s3::record::PublishMarker =
+        serde_json::from_slice(&get(&c, &server.bucket, &format!("{prefix}node-old")).await).expect("marker body");
+    assert!(marker.readonly);
+    ctl.unpublish_volume(&v.id, Some(&NodeId::parse("node-old").expect("node")), &secrets).await.expect("unpublish");
     let st = ctl.get_volume(&v.id).await.expect("get");
     assert_eq!(st.published, vec!["node-a", "node-b"]);
     assert!(!st.condition.abnormal);
@@ -440,7 +461,7 @@ async fn publications_are_marker_objects_and_block_deletion() {
     assert!(keys(&c, &server.bucket, &prefix).await.is_empty());
     let unknown = ferrovol_core::ids::VolumeId::parse(&format!("s3.vol:{}:nope", server.bucket)).expect("id");
     let node = NodeId::parse("node-a").expect("node");
-    assert_eq!(ctl.publish_volume(&unknown, &node, &secrets).await.expect_err("unknown").code(), Code::NotFound);
+    assert_eq!(ctl.publish_volume(&unknown, &node, false, &secrets).await.expect_err("unknown").code(), Code::NotFound);
     ctl.unpublish_volume(&unknown, Some(&node), &secrets).await.expect("unknown is OK");
     ctl.delete_volume(&v.id, &secrets).await.expect("delete");
 }
@@ -513,4 +534,285 @@ async fn get_volume_condition_without_credentials_healthy_and_paused() {
     assert_eq!(e.code(), Code::Unavailable, "{e}");
     assert!(e.to_string().contains("fv-pvc-cond"), "{e}");
     assert!(took < Duration::from_secs(5), "took {took:?}");
+}
+
+/// A copy plan with small parts, so that a few MiB take the multipart path.
+fn small_plan(source_retries: u32) -> CopyPlan {
+    CopyPlan {
+        multipart_above: 6 * MIB,
+        part_bytes: 5 * MIB,
+        parts_in_flight: 2,
+        timeouts: Timeouts::within(Duration::from_secs(10)).for_copies(Duration::from_secs(20)),
+        source_retries,
+    }
+}
+
+async fn listed(store: &Store, key: &str) -> Listed {
+    store.list(key).await.expect("list").into_iter().find(|o| o.key == key).expect("listed")
+}
+
+async fn uploads(c: &aws_sdk_s3::Client, bucket: &str) -> Vec<String> {
+    let out = c.list_multipart_uploads().bucket(bucket).send().await.expect("ListMultipartUploads");
+    out.uploads().iter().filter_map(|u| u.key().map(str::to_owned)).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multipart_copies_are_confirmed_by_etag_tied_to_one_version_and_aborted_on_failure() {
+    let server = S3Server::start();
+    let (ctl, c) = (controller(), client(&server));
+    let store = ctl.store(&server.endpoint, &server.bucket);
+    let big: Vec<u8> = (0..(12 * MIB as usize)).map(|i| (i % 241) as u8).collect();
+    put(&c, &server.bucket, "src/big", big.clone()).await;
+    let src = listed(&store, "src/big").await;
+    // An older object of the same size at the destination: the copy must replace it, and
+    // a completion whose answer cannot be read (moto) is accepted only for the new object.
+    put(&c, &server.bucket, "dst/big", vec![7u8; big.len()]).await;
+
+    let n = store.copy(&server.bucket, &src, "dst/big", &small_plan(0)).await.expect("multipart copy");
+    assert_eq!(n, big.len() as u64);
+    assert_eq!(get(&c, &server.bucket, "dst/big").await, big);
+    // The server's ETag of the completed object is the MD5 of the parts' MD5s, `-3`: what
+    // the controller compares a HeadObject with when a completion's answer is unreadable.
+    let parts: Vec<String> = big.chunks(5 * MIB as usize).map(ferrovol_s3::md5::hex_digest).collect();
+    let expected = store::multipart_etag(&parts).expect("etag");
+    assert!(expected.ends_with("-3"), "{expected}");
+    let head = store.head("dst/big").await.expect("head").expect("exists");
+    assert!(store::same_etag(&head.etag, &expected), "{} on {}: expected {expected}", head.etag, server.server.name());
+    // The copy records the source version it was made from; a repeat recognises it.
+    assert_eq!(head.source_etag.as_deref(), Some(store::unquote(&src.etag)));
+    assert!(store.is_copy_of(&listed(&store, "dst/big").await, &src).await.expect("is copy"));
+
+    // A multipart copy that fails (here: its source does not exist) is aborted.
+    let missing = Listed { key: "src/missing".into(), ..src.clone() };
+    let e = store.copy(&server.bucket, &missing, "dst/missing", &small_plan(3)).await.expect_err("no source");
+    assert!(e.message.contains("src/missing"), "{}", e.message);
+    assert!(uploads(&c, &server.bucket).await.is_empty(), "the failed multipart copy was aborted");
+    assert!(store.head("dst/missing").await.expect("head").is_none(), "nothing made");
+
+    // A source that changed since it was listed (here: a listing's ETag that is not the
+    // object's) fails each copy call with 412 Precondition Failed: with no retry left the
+    // copy fails naming the source (the multipart upload aborted); with retries the source
+    // is read again and copied whole from the start. moto (5.2) ignores
+    // x-amz-copy-source-if-match, so there the stale ETag is simply not checked.
+    put(&c, &server.bucket, "src/small", b"small object".to_vec()).await;
+    let small = listed(&store, "src/small").await;
+    let zero = format!("\"{}\"", "0".repeat(32));
+    for (src, dst, bytes) in [(&src, "dst/stale", &big[..]), (&small, "dst/small", &b"small object"[..])] {
+        let stale = Listed { etag: zero.clone(), ..src.clone() };
+        if server.server == Server::Moto {
+            store.copy(&server.bucket, &stale, dst, &small_plan(0)).await.expect("moto does not check the condition");
+        } else {
+            let e = store.copy(&server.bucket, &stale, dst, &small_plan(0)).await.expect_err("stale version");
+            assert!(e.message.contains(&src.key) && e.message.contains("changed"), "{}", e.message);
+            assert!(uploads(&c, &server.bucket).await.is_empty(), "the failed multipart copy was aborted");
+            assert!(store.head(dst).await.expect("head").is_none(), "nothing made");
+            let n = store.copy(&server.bucket, &stale, dst, &small_plan(2)).await.expect("retried copy");
+            assert_eq!(n, bytes.len() as u64);
+        }
+        assert_eq!(get(&c, &server.bucket, dst).await, bytes);
+        let head = store.head(dst).await.expect("head").expect("exists");
+        // What the copy names as its source: the version copied (on moto, the one asked for).
+        let named = if server.server == Server::Moto { &zero } else { &src.etag };
+        assert_eq!(head.source_etag.as_deref(), Some(store::unquote(named)));
+    }
+    assert!(uploads(&c, &server.bucket).await.is_empty());
+    // A source deleted since it was listed fails naming it.
+    c.delete_object().bucket(&server.bucket).key("src/small").send().await.expect("delete");
+    let e = store.copy(&server.bucket, &small, "dst/gone", &small_plan(3)).await.expect_err("deleted source");
+    assert!(e.message.contains("src/small"), "{}", e.message);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_calls_have_their_own_bound_longer_than_the_call_bound() {
+    let server = S3Server::start();
+    // Every other call fails within 1 s; copies may take 8 s per attempt.
+    let tuning = Tuning { copy_attempt_min: Duration::from_secs(8), ..Tuning::default() };
+    let ctl = S3Controller::with_tuning(Timeouts::within(Duration::from_secs(1)), tuning);
+    let c = client(&server);
+    let store = ctl.store(&server.endpoint, &server.bucket);
+    put(&c, &server.bucket, "slow/src", vec![1u8; MIB as usize]).await;
+    let src = listed(&store, "slow/src").await;
+    let plan = CopyPlan {
+        timeouts: Timeouts::within(Duration::from_secs(1)).for_copies(Duration::from_secs(8)),
+        ..small_plan(0)
+    };
+    assert_eq!(plan.timeouts.connect, Timeouts::within(Duration::from_secs(1)).connect, "connect stays short");
+
+    // A server that takes 2.5 s to answer fails an ordinary call...
+    server.pause();
+    let t = Instant::now();
+    let e = store.head("slow/src").await.expect_err("paused");
+    assert_eq!(e.kind, ferrovol_s3::error::Kind::Unreachable, "{}", e.message);
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    server.resume();
+    // ...but not a copy.
+    let (s2, sb, src2) = (store.clone(), server.bucket.clone(), src.clone());
+    let copy = tokio::spawn(async move { s2.copy(&sb, &src2, "slow/dst", &plan).await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    server.pause();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    server.resume();
+    let n = copy.await.expect("task").expect("the copy outlasts the ordinary bound");
+    assert_eq!(n, MIB);
+    assert_eq!(get(&c, &server.bucket, "slow/dst").await, vec![1u8; MIB as usize]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeats_recognise_earlier_copies_by_the_recorded_source_etag() {
+    let server = S3Server::start();
+    let (ctl, c, secrets) = (controller(), client(&server), server.secrets());
+    let src = ctl.create_volume(new_volume("pvc-rsrc", &[], 0, None), &secrets).await.expect("source");
+    let data = layout::volume_data_prefix(src.id.local());
+    for k in ["a", "b", "c"] {
+        put(&c, &src.bucket, &format!("{data}{k}"), format!("content of {k}").into_bytes()).await;
+    }
+    let snap = ctl.create_snapshot("snap-r", LocalName::from_co_name("snap-r"), &src.id, &secrets).await.expect("snap");
+    let restored = ctl
+        .create_volume(new_volume("pvc-rdst", &[], 0, Some(Source::Snapshot(snap.id.clone()))), &secrets)
+        .await
+        .expect("restore");
+    let rdata = layout::volume_data_prefix(restored.id.local());
+    let sdata = layout::snapshot_data_prefix(snap.id.local());
+    let sstore = ctl.store(&server.endpoint, &src.bucket);
+    let snap_a = listed(&sstore, &format!("{sdata}a")).await;
+
+    // As a server whose copies get other ETags (AWS's multipart copies) leaves them: the
+    // same size, another ETag. `a` carries the source ETag the copy recorded, `b` none.
+    let record_key = layout::volume_record_key(restored.id.local());
+    let rec: S3VolumeRecord = serde_json::from_slice(&get(&c, &restored.bucket, &record_key).await).expect("rec");
+    put(
+        &c,
+        &restored.bucket,
+        &record_key,
+        serde_json::to_vec(&S3VolumeRecord { state: VolumeState::Creating, ..rec }).expect("json"),
+    )
+    .await;
+    c.put_object()
+        .bucket(&restored.bucket)
+        .key(format!("{rdata}a"))
+        .metadata(store::SOURCE_ETAG_META, store::unquote(&snap_a.etag))
+        .body(b"CONTENT OF A".to_vec().into())
+        .send()
+        .await
+        .expect("put a");
+    put(&c, &restored.bucket, &format!("{rdata}b"), b"CONTENT OF B".to_vec()).await;
+    let again = ctl
+        .create_volume(new_volume("pvc-rdst", &[], 0, Some(Source::Snapshot(snap.id.clone()))), &secrets)
+        .await
+        .expect("repeat");
+    assert_eq!(again.record.state, VolumeState::Ready);
+    assert_eq!(get(&c, &restored.bucket, &format!("{rdata}a")).await, b"CONTENT OF A", "recognised: not copied again");
+    assert_eq!(get(&c, &restored.bucket, &format!("{rdata}b")).await, b"content of b", "not recognised: copied");
+    assert_eq!(get(&c, &restored.bucket, &format!("{rdata}c")).await, b"content of c");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoints_are_remembered_only_after_a_call_with_them_succeeded() {
+    let home = S3Server::start();
+    let other = S3Server::start();
+    let ctl = controller();
+    let v = ctl.create_volume(new_volume("pvc-home", &[], 0, None), &home.secrets()).await.expect("create");
+    assert_eq!(ctl.known_endpoint(&v.bucket), Some(home.endpoint.clone()));
+    let snap = ctl
+        .create_snapshot("snap-home", LocalName::from_co_name("snap-home"), &v.id, &home.secrets())
+        .await
+        .expect("snap");
+
+    // A restore of that snapshot with another endpoint's secrets fails there (the bucket is
+    // not on it), and does not make the controller look for the bucket there afterwards.
+    let e = ctl
+        .create_volume(new_volume("pvc-away", &[], 0, Some(Source::Snapshot(snap.id.clone()))), &other.secrets())
+        .await
+        .expect_err("not on that endpoint");
+    assert_eq!(e.code(), Code::NotFound, "{e}");
+    assert_eq!(ctl.known_endpoint(&v.bucket), Some(home.endpoint.clone()), "still the endpoint that worked");
+    let st = ctl.get_volume(&v.id).await.expect("still found");
+    assert!(!st.condition.abnormal && st.record.is_some(), "{:?}", st.condition);
+    // A delete with secrets that cannot reach the bucket does not either.
+    let mut wrong = other.secrets();
+    wrong.insert("endpoint".into(), "http://127.0.0.1:9".into());
+    ctl.delete_snapshot(&snap.id, &wrong).await.expect_err("unreachable");
+    assert_eq!(ctl.known_endpoint(&v.bucket), Some(home.endpoint.clone()));
+
+    // ListBuckets' fv-* buckets are ours only with our marker.
+    let c = client(&home);
+    c.create_bucket().bucket("fv-not-ours").send().await.expect("foreign bucket");
+    put(&c, "fv-not-ours", "ferrovol/volumes/x/volume.json", b"{}".to_vec()).await;
+    let fresh = controller();
+    fresh.remember(&home.bucket, &home.endpoint);
+    let listed = fresh.list_volumes().await;
+    assert!(listed.iter().any(|s| s.id == v.id), "{listed:?}");
+    assert_eq!(fresh.known_endpoint(&v.bucket), Some(home.endpoint.clone()), "marked bucket remembered");
+    assert_eq!(fresh.known_endpoint("fv-not-ours"), None, "unmarked bucket not remembered");
+    assert!(listed.iter().all(|s| s.bucket != "fv-not-ours"), "{listed:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_racing_a_delete_leaves_no_stray_marker() {
+    let server = S3Server::start();
+    let (ctl, c, secrets) = (controller(), client(&server), server.secrets());
+    let kv = [("bucket", server.bucket.as_str())];
+    let node = NodeId::parse("node-r").expect("node");
+    let prefix = |v: &ferrovol_core::ids::VolumeId| layout::volume_prefix(v.local());
+    let (mut deleted, mut refused) = (0, 0);
+    for i in 0..16 {
+        let v = ctl.create_volume(new_volume("pvc-race", &kv, 0, None), &secrets).await.expect("create");
+        // Let the publish start a little before, at, or after the delete.
+        let (c1, c2, id1, id2, s1, s2, n) =
+            (ctl.clone(), ctl.clone(), v.id.clone(), v.id.clone(), secrets.clone(), secrets.clone(), node.clone());
+        let lag = Duration::from_millis((i / 2 % 4) * 20);
+        let (publish_lag, delete_lag) = if i % 2 == 0 { (lag, Duration::ZERO) } else { (Duration::ZERO, lag) };
+        let publish = tokio::spawn(async move {
+            tokio::time::sleep(publish_lag).await;
+            c1.publish_volume(&id1, &n, false, &s1).await
+        });
+        let delete = tokio::spawn(async move {
+            tokio::time::sleep(delete_lag).await;
+            c2.delete_volume(&id2, &s2).await
+        });
+        let (p, d) = (publish.await.expect("task"), delete.await.expect("task"));
+        let left = keys(&c, &server.bucket, &prefix(&v.id)).await;
+        match d {
+            Ok(()) => {
+                deleted += 1;
+                assert!(left.is_empty(), "delete succeeded (publish {p:?}) but left {left:?}");
+                if let Err(e) = p {
+                    assert!(
+                        matches!(e.code(), Code::NotFound | Code::FailedPrecondition),
+                        "publish after the delete began: {e}"
+                    );
+                }
+            }
+            Err(e) => {
+                refused += 1;
+                // Refused because the publish got there first (or a concurrent call).
+                assert!(matches!(e.code(), Code::FailedPrecondition | Code::Aborted), "{e}");
+                if e.code() == Code::FailedPrecondition {
+                    p.expect("the publish that blocked the delete succeeded");
+                }
+                ctl.unpublish_volume(&v.id, None, &secrets).await.expect("unpublish");
+                ctl.delete_volume(&v.id, &secrets).await.expect("delete after unpublish");
+                assert!(keys(&c, &server.bucket, &prefix(&v.id)).await.is_empty());
+            }
+        }
+    }
+    eprintln!("{deleted} deletes won, {refused} were refused");
+    // The name is reusable: a new volume of it is deleted without a stray marker in the way.
+    let v = ctl.create_volume(new_volume("pvc-race", &kv, 0, None), &secrets).await.expect("create");
+    ctl.delete_volume(&v.id, &secrets).await.expect("no stray marker blocks the delete");
+
+    // A publish of a volume being deleted writes nothing.
+    let v = ctl.create_volume(new_volume("pvc-race-2", &kv, 0, None), &secrets).await.expect("create");
+    let record_key = layout::volume_record_key(v.id.local());
+    let rec: S3VolumeRecord = serde_json::from_slice(&get(&c, &server.bucket, &record_key).await).expect("record");
+    put(
+        &c,
+        &server.bucket,
+        &record_key,
+        serde_json::to_vec(&S3VolumeRecord { state: VolumeState::Deleting, ..rec }).expect("json"),
+    )
+    .await;
+    ctl.publish_volume(&v.id, &node, false, &secrets).await.expect_err("being deleted");
+    assert_eq!(keys(&c, &server.bucket, &prefix(&v.id)).await, vec![record_key]);
+    ctl.delete_volume(&v.id, &secrets).await.expect("delete");
 }

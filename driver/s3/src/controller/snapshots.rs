@@ -32,7 +32,7 @@ impl S3Controller {
         secrets: &HashMap<String, String>,
     ) -> Result<S3Snapshot> {
         let bucket = layout::volume_bucket(source).to_owned();
-        let ep = self.endpoint(&bucket, secrets)?;
+        let ep = self.endpoint(secrets)?;
         let id = snapshot_id(&bucket, &local)?;
         let keys = [format!("s3-snapname:{name}"), format!("s3-snap:{id}"), format!("s3-vol:{source}")];
         let guards = self.guard(&keys, || format!("snapshot {:?}", printable(name)))?;
@@ -51,7 +51,10 @@ impl S3Controller {
         let key = layout::snapshot_record_key(id.local());
         let vol_missing = |reason: String| Error::VolumeNotFound { volume: source.to_string(), reason };
         let existing = match store.get_json::<S3SnapshotRecord>(&key).await {
-            Ok(r) => r,
+            Ok(r) => {
+                self.remember(&store.bucket, &ep);
+                r
+            }
             Err(f) if no_bucket(&f) => return Err(vol_missing(format!("bucket {} does not exist", store.bucket))),
             Err(f) => return Err(fail(f)),
         };
@@ -135,7 +138,7 @@ impl S3Controller {
     /// own bucket going takes the bucket with it.
     pub async fn delete_snapshot(&self, id: &SnapshotId, secrets: &HashMap<String, String>) -> Result<()> {
         let bucket = layout::snapshot_bucket(id).to_owned();
-        let ep = self.endpoint(&bucket, secrets)?;
+        let ep = self.endpoint(secrets)?;
         let guards = self.guard(&[format!("s3-snap:{id}")], || format!("snapshot {id}"))?;
         let (me, id) = (self.clone(), id.clone());
         self.detached(guards, id.to_string(), async move {
@@ -143,7 +146,7 @@ impl S3Controller {
             match store.head_bucket().await {
                 Err(f) if no_bucket(&f) => return Ok(()),
                 Err(f) => return Err(fail(f)),
-                Ok(()) => {}
+                Ok(()) => me.remember(&bucket, &ep),
             }
             me.remove_snapshot(&store, &id).await
         })
@@ -155,7 +158,10 @@ impl S3Controller {
         let store = self.store(ep, layout::snapshot_bucket(id));
         let not_found = |reason: String| Error::SnapshotNotFound { snapshot: id.to_string(), reason };
         match store.get_json::<S3SnapshotRecord>(&layout::snapshot_record_key(id.local())).await {
-            Ok(Some(record)) => Ok(S3Snapshot { id: id.clone(), record }),
+            Ok(Some(record)) => {
+                self.remember(&store.bucket, ep);
+                Ok(S3Snapshot { id: id.clone(), record })
+            }
             Ok(None) => Err(not_found("no record in its bucket".into())),
             Err(f) if no_bucket(&f) => Err(not_found(format!("bucket {} does not exist", store.bucket))),
             Err(f) => Err(fail(f)),
@@ -190,7 +196,7 @@ impl S3Controller {
             })
             .await;
             for r in found {
-                match r {
+                match r.map_err(|e| Error::system("reading a snapshot's record", &bucket, e)).and_then(|r| r) {
                     Ok(s) => out.push(s),
                     Err(e) if e.code() == ferrovol_core::error::Code::NotFound => {}
                     Err(e) => {

@@ -12,7 +12,7 @@ use super::{fail, is_not_found, now, parallel, state_condition, volume_id, S3Con
 use crate::endpoint::S3Endpoint;
 use crate::error::Kind;
 use crate::layout;
-use crate::record::{BucketMarker, S3VolumeRecord, VolumeState, VERSION};
+use crate::record::{BucketMarker, PublishMarker, S3VolumeRecord, VolumeState, VERSION};
 
 /// A volume as the controller answers it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -80,14 +80,7 @@ impl S3Controller {
             Some(b) => (b, false),
             None => (layout::own_bucket(&new.local), true),
         };
-        let ep = self.endpoint(&bucket, secrets)?;
-        if let Some(src) = &new.source {
-            let b = match src {
-                Source::Snapshot(id) => id.node().as_str(),
-                Source::Volume(id) => id.node().as_str(),
-            };
-            self.remember(b, &ep);
-        }
+        let ep = self.endpoint(secrets)?;
         let id = volume_id(&bucket, &new.local)?;
         let mut keys = vec![format!("s3-name:{}", new.name), format!("s3-vol:{id}")];
         match &new.source {
@@ -112,7 +105,10 @@ impl S3Controller {
         let record_key = layout::volume_record_key(&new.local);
         // Reading the record also tells whether the bucket exists (NoSuchBucket).
         let existing = match store.get_json::<S3VolumeRecord>(&record_key).await {
-            Ok(r) => r,
+            Ok(r) => {
+                self.remember(&bucket, &ep);
+                r
+            }
             Err(f) if own && no_bucket(&f) => None,
             Err(f) if no_bucket(&f) => {
                 return Err(Error::invalid(
@@ -154,6 +150,9 @@ impl S3Controller {
             None => {
                 let capacity = new.capacity.pick(floor.max(MIN_QUOTA), &id.to_string())?;
                 let made = if own { self.own_bucket(&store, &ep, &id, &new.name).await? } else { false };
+                if own {
+                    self.remember(&bucket, &ep);
+                }
                 let (created_unix, _) = now();
                 let rec = S3VolumeRecord {
                     version: VERSION,
@@ -218,7 +217,10 @@ impl S3Controller {
                     .get_json::<crate::record::S3SnapshotRecord>(&layout::snapshot_record_key(sid.local()))
                     .await
                 {
-                    Ok(Some(r)) => r,
+                    Ok(Some(r)) => {
+                        self.remember(&store.bucket, ep);
+                        r
+                    }
                     Ok(None) => return Err(not_found("no such snapshot in its bucket")),
                     Err(f) if no_bucket(&f) => return Err(not_found("its bucket does not exist")),
                     Err(f) => return Err(fail(f)),
@@ -235,7 +237,10 @@ impl S3Controller {
                 let store = self.store(ep, layout::volume_bucket(vid));
                 let not_found = |reason: &str| Error::VolumeNotFound { volume: vid.to_string(), reason: reason.into() };
                 let rec = match store.get_json::<S3VolumeRecord>(&layout::volume_record_key(vid.local())).await {
-                    Ok(Some(r)) => r,
+                    Ok(Some(r)) => {
+                        self.remember(&store.bucket, ep);
+                        r
+                    }
                     Ok(None) => return Err(not_found("no such volume in its bucket")),
                     Err(f) if no_bucket(&f) => return Err(not_found("its bucket does not exist")),
                     Err(f) => return Err(fail(f)),
@@ -344,16 +349,23 @@ impl S3Controller {
     }
 
     /// DeleteVolume: an unknown volume or a missing bucket is OK; a ControllerPublished
-    /// volume is FAILED_PRECONDITION naming the nodes.
+    /// volume is FAILED_PRECONDITION naming the nodes. Once past that check (under the
+    /// volume's guard), every object under the volume's prefix goes, publication markers
+    /// included: a publish racing the delete removes its own marker when it finds the
+    /// record `deleting` or gone ([`S3Controller::publish_volume`]).
     pub async fn delete_volume(&self, id: &VolumeId, secrets: &HashMap<String, String>) -> Result<()> {
         let bucket = layout::volume_bucket(id).to_owned();
-        let ep = self.endpoint(&bucket, secrets)?;
+        let ep = self.endpoint(secrets)?;
         let guards = self.guard(&[format!("s3-vol:{id}")], || format!("volume {id}"))?;
         let me = self.clone();
         let id = id.clone();
         self.detached(guards, id.to_string(), async move {
             let store = me.store(&ep, &bucket);
-            match store.get_json::<S3VolumeRecord>(&layout::volume_record_key(id.local())).await {
+            let record = store.get_json::<S3VolumeRecord>(&layout::volume_record_key(id.local())).await;
+            if record.is_ok() {
+                me.remember(&bucket, &ep);
+            }
+            match record {
                 Ok(Some(rec)) if rec.state != VolumeState::Deleting => {
                     let published = me.published(&store, id.local()).await?;
                     if !published.is_empty() {
@@ -396,13 +408,14 @@ impl S3Controller {
         secrets: &HashMap<String, String>,
     ) -> Result<u64> {
         let bucket = layout::volume_bucket(id).to_owned();
-        let ep = self.endpoint(&bucket, secrets)?;
+        let ep = self.endpoint(secrets)?;
         let guards = self.guard(&[format!("s3-vol:{id}")], || format!("volume {id}"))?;
         let me = self.clone();
         let id = id.clone();
         self.detached(guards, id.to_string(), async move {
             let store = me.store(&ep, &bucket);
             let rec = me.existing(&store, &id).await?;
+            me.remember(&bucket, &ep);
             if rec.state != VolumeState::Ready {
                 return Err(Error::precondition(format!("volume {id}"), "it is being created or deleted"));
             }
@@ -443,17 +456,58 @@ impl S3Controller {
         Ok(nodes)
     }
 
-    /// ControllerPublishVolume: records the node (any node: S3 is reachable from all).
-    pub async fn publish_volume(&self, id: &VolumeId, node: &NodeId, secrets: &HashMap<String, String>) -> Result<()> {
+    /// ControllerPublishVolume: records the node (any node: S3 is reachable from all) in
+    /// the marker `published/<node>`, whose body says whether it is read-only. A repeat for
+    /// the same node with the other read-only setting is ALREADY_EXISTS. Publish takes no
+    /// guard (publications of an RWX volume to many nodes run at once), so after writing
+    /// its marker it reads the record again: a volume gone or `deleting` meanwhile (a
+    /// DeleteVolume that passed its "not published" check) gets its marker removed and is
+    /// NOT_FOUND, so no stray marker outlives the volume.
+    pub async fn publish_volume(
+        &self,
+        id: &VolumeId,
+        node: &NodeId,
+        readonly: bool,
+        secrets: &HashMap<String, String>,
+    ) -> Result<()> {
         let bucket = layout::volume_bucket(id);
-        let ep = self.endpoint(bucket, secrets)?;
+        let ep = self.endpoint(secrets)?;
         let store = self.store(&ep, bucket);
         let rec = self.existing(&store, id).await?;
+        self.remember(bucket, &ep);
         if rec.state != VolumeState::Ready {
             return Err(Error::precondition(format!("volume {id}"), "it is being created or deleted"));
         }
         let key = format!("{}published/{node}", layout::volume_prefix(id.local()));
-        store.put_empty(&key).await.map_err(fail)
+        if let Some(body) = store.get_bytes(&key).await.map_err(fail)? {
+            // An empty marker is one written before markers had a body: compatible.
+            if let Ok(m) = serde_json::from_slice::<PublishMarker>(&body) {
+                if m.readonly != readonly {
+                    return Err(Error::PublishedIncompatible {
+                        volume: id.to_string(),
+                        path: format!("node {node}"),
+                        reason: format!(
+                            "it is published there with readonly {}, this request asks for {readonly}",
+                            m.readonly
+                        ),
+                    });
+                }
+            }
+        }
+        let marker = PublishMarker { version: VERSION, readonly };
+        store.put_json(&key, &marker, false).await.map_err(fail)?;
+        let gone = match store.get_json::<S3VolumeRecord>(&layout::volume_record_key(id.local())).await {
+            Ok(Some(r)) if r.state != VolumeState::Deleting => None,
+            Ok(Some(_)) => Some("it is being deleted"),
+            Ok(None) => Some("no record in its bucket (deleted meanwhile)"),
+            Err(f) if no_bucket(&f) => Some("its bucket was deleted meanwhile"),
+            Err(f) => return Err(fail(f)),
+        };
+        if let Some(reason) = gone {
+            store.delete(&key).await.map_err(fail)?;
+            return Err(Error::VolumeNotFound { volume: id.to_string(), reason: reason.into() });
+        }
+        Ok(())
     }
 
     /// ControllerUnpublishVolume: forgets the node (every node when `None`); an unknown
@@ -465,7 +519,7 @@ impl S3Controller {
         secrets: &HashMap<String, String>,
     ) -> Result<()> {
         let bucket = layout::volume_bucket(id);
-        let ep = self.endpoint(bucket, secrets)?;
+        let ep = self.endpoint(secrets)?;
         let store = self.store(&ep, bucket);
         let prefix = format!("{}published/", layout::volume_prefix(id.local()));
         let result = match node {
@@ -483,6 +537,7 @@ impl S3Controller {
         let bucket = layout::volume_bucket(id);
         let store = self.store(ep, bucket);
         let record = self.existing(&store, id).await?;
+        self.remember(bucket, ep);
         let published = self.published(&store, id.local()).await?;
         Ok(S3Volume { id: id.clone(), bucket: bucket.to_owned(), record, published })
     }
@@ -569,7 +624,7 @@ impl S3Controller {
             })
             .await;
             for r in found {
-                match r {
+                match r.map_err(|e| Error::system("reading a volume's record", &bucket, e)).and_then(|r| r) {
                     Ok(Some(s)) => out.push(s),
                     Ok(None) => {}
                     Err(e) => {
