@@ -163,7 +163,9 @@ pub fn release(root: &Path, data_dir: &Path) -> Leftovers {
             break;
         }
         found.sort_by_key(|mount| std::cmp::Reverse(mount.mount_point.components().count()));
-        for mount in &found {
+        // FUSE mounts cannot be frozen, and a look at one whose server is stopped would wait
+        // for that server.
+        for mount in found.iter().filter(|m| !m.fs_type.starts_with("fuse")) {
             // A driver killed during a snapshot may leave its filesystem frozen; a frozen
             // filesystem detached lazily would pin its loop device for good.
             let _ = Command::new("fsfreeze")

@@ -99,6 +99,21 @@ impl Mounter {
         self.spawn();
     }
 
+    /// Stops the mounter (SIGSTOP): alive but answering nothing. [`Mounter::resume`] undoes it.
+    pub fn pause(&self) {
+        self.signal(nix::sys::signal::Signal::SIGSTOP);
+    }
+
+    pub fn resume(&self) {
+        self.signal(nix::sys::signal::Signal::SIGCONT);
+    }
+
+    fn signal(&self, sig: nix::sys::signal::Signal) {
+        if let Some(c) = &self.child {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(i32::try_from(c.id()).unwrap_or(i32::MAX)), sig);
+        }
+    }
+
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
     }
@@ -106,6 +121,7 @@ impl Mounter {
 
 impl Drop for Mounter {
     fn drop(&mut self) {
+        self.resume();
         if let Some(c) = &self.child {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(i32::try_from(c.id()).unwrap_or(i32::MAX)),
@@ -206,6 +222,14 @@ impl S3Stack {
     /// Whether `bucket` exists.
     pub async fn bucket_exists(&self, bucket: &str) -> bool {
         self.client().head_bucket().bucket(bucket).send().await.is_ok()
+    }
+}
+
+impl Drop for S3Stack {
+    /// A stopped mounter is set going again before the driver's sandbox unmounts
+    /// everything (a failed assertion may leave it stopped).
+    fn drop(&mut self) {
+        self.mounter.resume();
     }
 }
 

@@ -545,11 +545,65 @@ async fn a_dead_mounter_is_reported_and_the_next_stage_and_publish_mount_again()
     assert!(cond.abnormal && cond.message.contains("mounter"), "reported abnormal: {}", cond.message);
 
     stack.mounter.restart();
-    stage(&stack, &vol.volume_id, &staging, mount_cap(Mode::MultiNodeMultiWriter, &[])).await;
+    // A new pod on the node: the kubelet calls only NodePublish (it considers the volume
+    // staged). The node plugin mounts the dead staging mount again from what NodeStage gave.
+    let second = stack.driver.target_path("dm-tg2");
+    publish(&stack, &vol.volume_id, &staging, &second, false).await;
+    check_payload(&second, &files, "a new publication after the mounter came back");
+    // The old pod's dead bind is replaced by its next NodePublish, and a repeated
+    // NodeStage finds the live mount.
     publish(&stack, &vol.volume_id, &staging, &target, false).await;
-    check_payload(&target, &files, "after the mounter came back");
+    check_payload(&target, &files, "the old publication after the mounter came back");
+    stage(&stack, &vol.volume_id, &staging, mount_cap(Mode::MultiNodeMultiWriter, &[])).await;
+    unpublish(&stack, &vol.volume_id, &second).await;
     let stats = expect_ok(stack.driver.node().node_get_volume_stats(stats_req).await, "stats again");
     assert!(!stats.volume_condition.unwrap().abnormal, "healthy again");
+
+    unpublish(&stack, &vol.volume_id, &target).await;
+    unstage(&stack, &vol.volume_id, &staging).await;
+    delete(&stack, &vol.volume_id).await;
+    stack.driver.assert_no_leaks();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stopped_mounter_does_not_stall_the_node_plugin() {
+    let stack = S3Stack::start(None).await;
+    let vol = create(&stack, create_req(&stack, &unique_name("pvc", "stuck"), 64 * MIB, true)).await;
+    let (staging, target) = (stack.driver.staging_dir("sk-st"), stack.driver.target_path("sk-tg"));
+    stage(&stack, &vol.volume_id, &staging, mount_cap(Mode::MultiNodeMultiWriter, &[])).await;
+    publish(&stack, &vol.volume_id, &staging, &target, false).await;
+
+    stack.mounter.pause();
+    // More stats calls at once than the driver has worker threads: none may hold one.
+    let started = Instant::now();
+    let calls: Vec<_> = (0..12)
+        .map(|_| {
+            let mut node = stack.driver.node();
+            let req = NodeGetVolumeStatsRequest {
+                volume_id: vol.volume_id.clone(),
+                volume_path: target.display().to_string(),
+                staging_target_path: String::new(),
+            };
+            tokio::spawn(async move { node.node_get_volume_stats(req).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let info_started = Instant::now();
+    expect_ok(stack.driver.node().node_get_info(ferrovol_e2e::csi::NodeGetInfoRequest {}).await, "NodeGetInfo");
+    let info_took = info_started.elapsed();
+    let mut answers = Vec::new();
+    for c in calls {
+        answers.push(c.await.unwrap());
+    }
+    let took = started.elapsed();
+    stack.mounter.resume();
+    for a in answers {
+        let stats = expect_ok(a, "stats of a stopped mounter's volume");
+        let cond = stats.volume_condition.unwrap();
+        assert!(cond.abnormal && cond.message.contains("does not answer"), "{}", cond.message);
+    }
+    assert!(info_took < Duration::from_secs(2), "NodeGetInfo waited {info_took:?} behind a stopped mounter");
+    assert!(took < Duration::from_secs(12), "12 stats calls took {took:?} (bound 5 s each, in parallel)");
 
     unpublish(&stack, &vol.volume_id, &target).await;
     unstage(&stack, &vol.volume_id, &staging).await;

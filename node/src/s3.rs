@@ -36,6 +36,11 @@ pub struct S3Node {
     mounter: Option<MounterClient>,
     socket: Option<PathBuf>,
     timeout_secs: u64,
+    /// The spec of every staging mount this process made, by staging path: NodePublish
+    /// mounts a dead staging mount again from it (the kubelet does not repeat NodeStage for
+    /// a volume it considers staged). Memory only: it holds the node-stage secret, which
+    /// never goes to disk; after a node-plugin restart only NodeStage can mount again.
+    specs: std::sync::Arc<std::sync::Mutex<HashMap<PathBuf, MountSpec>>>,
 }
 
 /// The owner and modes a mount shows, from the mount flags. (The pod's fsGroup does not
@@ -81,19 +86,54 @@ pub fn presentation(flags: &[String]) -> Result<Presentation> {
     Ok(p)
 }
 
-/// Whether the mount at `path` has lost its FUSE server (every access gives ENOTCONN).
-fn is_dead(path: &Path) -> bool {
-    matches!(std::fs::metadata(path), Err(e) if e.raw_os_error() == Some(libc::ENOTCONN))
+/// How long a look at a FUSE path may take before the mount counts as stuck: a mounter
+/// that is alive but not answering (stopped, frozen) would otherwise hold the thread.
+const PROBE_BOUND: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// What a look at a path found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Liveness {
+    /// It answered (or it does not exist).
+    Answers,
+    /// A mount whose FUSE server has gone: every access gives ENOTCONN.
+    Dead,
+    /// No answer within [`PROBE_BOUND`].
+    Stuck,
+}
+
+/// Looks at `path` on a blocking thread, bounded by [`PROBE_BOUND`], so that a stuck
+/// mounter never blocks the node plugin's async workers (and with them every family).
+async fn liveness(path: &Path) -> Liveness {
+    let p = path.to_path_buf();
+    let look = tokio::task::spawn_blocking(move || std::fs::metadata(&p).err().and_then(|e| e.raw_os_error()));
+    match tokio::time::timeout(PROBE_BOUND, look).await {
+        Ok(Ok(Some(libc::ENOTCONN))) => Liveness::Dead,
+        Ok(_) => Liveness::Answers,
+        Err(_) => Liveness::Stuck,
+    }
+}
+
+fn stuck(id: &VolumeId, path: &Path) -> Error {
+    Error::Unavailable {
+        reason: format!(
+            "volume {id}: the S3 mount at {} does not answer within {}s (is ferrovol-mounter stopped?)",
+            path.display(),
+            PROBE_BOUND.as_secs()
+        ),
+    }
 }
 
 /// Takes away a mount whose FUSE server is gone; a live or absent mount is left alone.
-fn clear_dead_mount(path: &Path) -> Result<()> {
-    if is_dead(path) {
-        tracing::warn!(path = %path.display(), "taking away a mount whose S3 mounter has gone");
-        nix::mount::umount2(path, nix::mount::MntFlags::MNT_DETACH)
-            .map_err(|e| Error::system("unmount the dead S3 mount", path.display(), e))?;
+async fn clear_dead_mount(id: &VolumeId, path: &Path) -> Result<()> {
+    match liveness(path).await {
+        Liveness::Answers => Ok(()),
+        Liveness::Stuck => Err(stuck(id, path)),
+        Liveness::Dead => {
+            tracing::warn!(volume = %id, path = %path.display(), "taking away a mount whose S3 mounter has gone");
+            nix::mount::umount2(path, nix::mount::MntFlags::MNT_DETACH)
+                .map_err(|e| Error::system("unmount the dead S3 mount", path.display(), e))
+        }
     }
-    Ok(())
 }
 
 /// What NodeGetVolumeStats answers for a mount whose mounter has gone: no usage, abnormal.
@@ -122,7 +162,12 @@ impl S3Node {
     /// S3 volumes through the mounter listening at `socket`; `None`: this node serves no
     /// S3 volumes (every S3 call says how to enable them). `timeout` bounds each S3 call.
     pub fn new(socket: Option<PathBuf>, timeout: std::time::Duration) -> Self {
-        S3Node { mounter: socket.clone().map(MounterClient::new), socket, timeout_secs: timeout.as_secs().max(1) }
+        S3Node {
+            mounter: socket.clone().map(MounterClient::new),
+            socket,
+            timeout_secs: timeout.as_secs().max(1),
+            specs: Default::default(),
+        }
     }
 
     fn mounter(&self, id: &VolumeId) -> Result<&MounterClient> {
@@ -159,7 +204,7 @@ impl S3Node {
             }
             other => other,
         })?;
-        clear_dead_mount(staging)?;
+        clear_dead_mount(id, staging).await?;
         if !staging.exists() {
             std::fs::create_dir_all(staging)
                 .map_err(|e| Error::system("create the staging directory", staging.display(), e))?;
@@ -178,7 +223,22 @@ impl S3Node {
             dir_mode: look.dir_mode,
             timeout_secs: self.timeout_secs,
         };
-        mounter.mount(&spec).await
+        mounter.mount(&spec).await?;
+        self.remember(staging, Some(spec));
+        Ok(())
+    }
+
+    fn remember(&self, staging: &Path, spec: Option<MountSpec>) {
+        let mut specs = self.specs.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match spec {
+            Some(s) => specs.insert(staging.to_path_buf(), s),
+            None => specs.remove(staging),
+        };
+    }
+
+    fn remembered(&self, staging: &Path, id: &VolumeId) -> Option<MountSpec> {
+        let specs = self.specs.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        specs.get(staging).filter(|s| s.volume_id == id.to_string()).cloned()
     }
 
     /// NodeUnstageVolume: the mounter unmounts; a mount it no longer knows (it was
@@ -187,7 +247,8 @@ impl S3Node {
         if let Some(m) = &self.mounter {
             m.unmount(staging).await?;
         }
-        clear_dead_mount(staging)?;
+        self.remember(staging, None);
+        clear_dead_mount(id, staging).await?;
         if let Some(entry) = mounted_at(staging)? {
             if !is_ours(&entry, id) {
                 return Err(Error::precondition(
@@ -226,15 +287,24 @@ impl S3Node {
             });
         }
         let read_only = readonly || cap.access_mode.is_read_only();
-        clear_dead_mount(target)?;
-        match mounted_at(staging)? {
-            Some(e) if is_ours(&e, id) && !is_dead(staging) => {}
-            _ => {
+        clear_dead_mount(id, target).await?;
+        let staged = matches!(mounted_at(staging)?, Some(e) if is_ours(&e, id));
+        let live = match liveness(staging).await {
+            Liveness::Stuck => return Err(stuck(id, staging)),
+            l => l == Liveness::Answers,
+        };
+        if !(staged && live) {
+            // The mounter died (or was restarted) under a staged volume: mount it again
+            // from what NodeStage was given, as the kubelet will not stage it again.
+            let Some(spec) = self.remembered(staging, id) else {
                 return Err(Error::precondition(
                     format!("volume {id}"),
                     format!("it is not staged at {} (NodeStageVolume first)", staging.display()),
-                ))
-            }
+                ));
+            };
+            tracing::warn!(volume = %id, staging = %staging.display(), "mounting a dead staging mount again");
+            clear_dead_mount(id, staging).await?;
+            self.mounter(id)?.mount(&spec).await?;
         }
         if let Some(existing) = mounted_at(target)? {
             if !is_ours(&existing, id) {
@@ -267,7 +337,7 @@ impl S3Node {
 
     /// NodeUnpublishVolume: unmounts the target (a dead one too) and removes it.
     pub async fn unpublish(&self, id: &VolumeId, target: &Path) -> Result<()> {
-        clear_dead_mount(target)?;
+        clear_dead_mount(id, target).await?;
         if let Some(entry) = mounted_at(target)? {
             if !is_ours(&entry, id) {
                 return Err(Error::precondition(
@@ -292,8 +362,14 @@ impl S3Node {
     /// NodeGetVolumeStats: usage against the quota from the filesystem itself, and the
     /// condition: a dead mount, or the mounter's last S3 errors, make it abnormal.
     pub async fn stats(&self, id: &VolumeId, path: &Path) -> Result<(Stats, Condition)> {
-        if is_dead(path) {
-            return Ok(dead_mount_stats(id));
+        match liveness(path).await {
+            Liveness::Dead => return Ok(dead_mount_stats(id)),
+            Liveness::Stuck => {
+                let cond = Condition { abnormal: true, message: stuck(id, path).to_string() };
+                let zero = Usage { total_bytes: 0, used_bytes: 0, available_bytes: 0, total_inodes: 0, used_inodes: 0, free_inodes: 0 };
+                return Ok((Stats::Filesystem(zero), cond));
+            }
+            Liveness::Answers => {}
         }
         match mounted_at(path)? {
             Some(e) if is_ours(&e, id) => {}
@@ -304,11 +380,14 @@ impl S3Node {
                 })
             }
         }
-        let usage = match crate::fs::usage(path) {
-            Ok(u) => u,
-            // The mounter died between the check above and now.
-            Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => return Ok(dead_mount_stats(id)),
-            Err(e) => return Err(Error::system("read the usage", path.display(), e)),
+        let p = path.to_path_buf();
+        let usage = match tokio::time::timeout(PROBE_BOUND, tokio::task::spawn_blocking(move || crate::fs::usage(&p))).await {
+            Ok(Ok(Ok(u))) => u,
+            // The mounter died between the look above and now.
+            Ok(Ok(Err(e))) if e.raw_os_error() == Some(libc::ENOTCONN) => return Ok(dead_mount_stats(id)),
+            Ok(Ok(Err(e))) => return Err(Error::system("read the usage", path.display(), e)),
+            Ok(Err(e)) => return Err(Error::system("read the usage", path.display(), e)),
+            Err(_) => return Err(stuck(id, path)),
         };
         let mut cond = Condition::healthy();
         if let Some(m) = &self.mounter {
