@@ -1,7 +1,7 @@
 //! `ferrovol-bench`: starts the real release `ferrovol` binary and measures volume lifecycle
 //! latency, concurrent provisioning, data-path throughput, start-up time and idle memory, each
-//! against the raw operation it wraps in the same run, and the split controller and node roles
-//! against all-in-one. Prints a text report, optionally JSON.
+//! against the raw operation it wraps in the same run, the split controller and node roles
+//! against all-in-one, and the S3 mounter against raw S3 calls. Prints a text report, optionally JSON.
 //!
 //! Needs root (loop devices and mounts). Everything it makes lives under fresh directories of
 //! its own and is taken down on every path; see `sandbox`.
@@ -14,6 +14,7 @@ mod lifecycle;
 mod lvm;
 mod raw;
 mod report;
+mod s3;
 mod sandbox;
 mod startup;
 mod stats;
@@ -53,13 +54,16 @@ enum Bench {
     Lvm,
     /// The split roles (controller + node agent over mTLS) against all-in-one.
     Cluster,
+    /// The S3 mounter against raw aws-sdk-s3 calls, on a garage server ($FERROVOL_GARAGE).
+    S3,
 }
 
 #[derive(Debug, Parser)]
 #[command(name = "ferrovol-bench", about = "Benchmarks of the ferrovol driver against the raw operations it wraps")]
 struct Cli {
     /// Repetitions of every benchmark [default: lifecycle 30, concurrency 5, datapath 3, startup 10,
-    /// cluster 30 (controller restarts: at most 5)].
+    /// cluster 30 (controller restarts: at most 5), s3 3 for the 1 GiB reads and writes and 5 for
+    /// the others].
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     reps: Option<u32>,
     /// Also write the results as JSON to this file.
@@ -143,6 +147,7 @@ fn main() -> ExitCode {
     let default_hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
         driver::kill_all_running();
+        s3::kill_all();
         sandbox::sweep_all_live();
         default_hook(info);
     }));
@@ -162,6 +167,7 @@ fn main() -> ExitCode {
                 INTERRUPTED.store(true, Ordering::Relaxed);
                 if tokio::signal::ctrl_c().await.is_ok() {
                     driver::kill_all_running();
+                    s3::kill_all();
                     sandbox::sweep_all_live();
                     std::process::exit(130);
                 }
@@ -209,6 +215,9 @@ async fn run(cli: Cli, bin: PathBuf) -> ExitCode {
     }
     if wanted(Bench::Cluster) {
         report.cluster = keep(cluster::run(&cfg, reps(30)).await, "cluster");
+    }
+    if wanted(Bench::S3) {
+        report.s3 = keep(s3::run(&cfg, reps(3), reps(5)).await, "s3");
     }
     machine.after(started);
     report.machine = machine;

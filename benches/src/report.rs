@@ -20,6 +20,7 @@ pub struct Report {
     pub startup: Option<startup::Report>,
     pub lvm: Option<crate::lvm::Report>,
     pub cluster: Option<crate::cluster::Report>,
+    pub s3: Option<crate::s3::Report>,
     /// Benchmarks that failed, and anything a sweep had to take down after a benchmark.
     pub problems: Vec<String>,
 }
@@ -168,6 +169,10 @@ fn write_all(r: &Report, out: &mut String) -> std::fmt::Result {
     if let Some(c) = &r.cluster {
         out.push('\n');
         crate::cluster::print(c, out)?;
+    }
+    if let Some(s) = &r.s3 {
+        out.push('\n');
+        crate::s3::print(s, out)?;
     }
     if !r.problems.is_empty() {
         writeln!(out, "\nPROBLEMS")?;
