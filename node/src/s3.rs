@@ -366,7 +366,14 @@ impl S3Node {
             Liveness::Dead => return Ok(dead_mount_stats(id)),
             Liveness::Stuck => {
                 let cond = Condition { abnormal: true, message: stuck(id, path).to_string() };
-                let zero = Usage { total_bytes: 0, used_bytes: 0, available_bytes: 0, total_inodes: 0, used_inodes: 0, free_inodes: 0 };
+                let zero = Usage {
+                    total_bytes: 0,
+                    used_bytes: 0,
+                    available_bytes: 0,
+                    total_inodes: 0,
+                    used_inodes: 0,
+                    free_inodes: 0,
+                };
                 return Ok((Stats::Filesystem(zero), cond));
             }
             Liveness::Answers => {}
@@ -381,14 +388,15 @@ impl S3Node {
             }
         }
         let p = path.to_path_buf();
-        let usage = match tokio::time::timeout(PROBE_BOUND, tokio::task::spawn_blocking(move || crate::fs::usage(&p))).await {
-            Ok(Ok(Ok(u))) => u,
-            // The mounter died between the look above and now.
-            Ok(Ok(Err(e))) if e.raw_os_error() == Some(libc::ENOTCONN) => return Ok(dead_mount_stats(id)),
-            Ok(Ok(Err(e))) => return Err(Error::system("read the usage", path.display(), e)),
-            Ok(Err(e)) => return Err(Error::system("read the usage", path.display(), e)),
-            Err(_) => return Err(stuck(id, path)),
-        };
+        let usage =
+            match tokio::time::timeout(PROBE_BOUND, tokio::task::spawn_blocking(move || crate::fs::usage(&p))).await {
+                Ok(Ok(Ok(u))) => u,
+                // The mounter died between the look above and now.
+                Ok(Ok(Err(e))) if e.raw_os_error() == Some(libc::ENOTCONN) => return Ok(dead_mount_stats(id)),
+                Ok(Ok(Err(e))) => return Err(Error::system("read the usage", path.display(), e)),
+                Ok(Err(e)) => return Err(Error::system("read the usage", path.display(), e)),
+                Err(_) => return Err(stuck(id, path)),
+            };
         let mut cond = Condition::healthy();
         if let Some(m) = &self.mounter {
             match m.list().await {
