@@ -105,7 +105,9 @@ enum Liveness {
 /// mounter never blocks the node plugin's async workers (and with them every family).
 async fn liveness(path: &Path) -> Liveness {
     let p = path.to_path_buf();
-    let look = tokio::task::spawn_blocking(move || std::fs::metadata(&p).err().and_then(|e| e.raw_os_error()));
+    // statfs, not stat: FUSE answers stat from the kernel's attribute cache for a while
+    // after its server died, while every statfs is a request to the server.
+    let look = tokio::task::spawn_blocking(move || nix::sys::statvfs::statvfs(&p).err().map(|e| e as i32));
     match tokio::time::timeout(PROBE_BOUND, look).await {
         Ok(Ok(Some(libc::ENOTCONN))) => Liveness::Dead,
         Ok(_) => Liveness::Answers,
@@ -136,6 +138,9 @@ async fn clear_dead_mount(id: &VolumeId, path: &Path) -> Result<()> {
     }
 }
 
+const NO_USAGE: Usage =
+    Usage { total_bytes: 0, used_bytes: 0, available_bytes: 0, total_inodes: 0, used_inodes: 0, free_inodes: 0 };
+
 /// What NodeGetVolumeStats answers for a mount whose mounter has gone: no usage, abnormal.
 fn dead_mount_stats(id: &VolumeId) -> (Stats, Condition) {
     let cond = Condition {
@@ -144,9 +149,12 @@ fn dead_mount_stats(id: &VolumeId) -> (Stats, Condition) {
             "the S3 mounter holding volume {id} has gone: its mount does not answer; NodeStageVolume or NodePublishVolume mounts it again"
         ),
     };
-    let zero =
-        Usage { total_bytes: 0, used_bytes: 0, available_bytes: 0, total_inodes: 0, used_inodes: 0, free_inodes: 0 };
-    (Stats::Filesystem(zero), cond)
+    (Stats::Filesystem(NO_USAGE), cond)
+}
+
+/// What NodeGetVolumeStats answers for a mount whose mounter does not answer in time.
+fn stuck_mount_stats(id: &VolumeId, path: &Path) -> (Stats, Condition) {
+    (Stats::Filesystem(NO_USAGE), Condition { abnormal: true, message: stuck(id, path).to_string() })
 }
 
 fn mounted_at(path: &Path) -> Result<Option<mountinfo::MountEntry>> {
@@ -364,18 +372,7 @@ impl S3Node {
     pub async fn stats(&self, id: &VolumeId, path: &Path) -> Result<(Stats, Condition)> {
         match liveness(path).await {
             Liveness::Dead => return Ok(dead_mount_stats(id)),
-            Liveness::Stuck => {
-                let cond = Condition { abnormal: true, message: stuck(id, path).to_string() };
-                let zero = Usage {
-                    total_bytes: 0,
-                    used_bytes: 0,
-                    available_bytes: 0,
-                    total_inodes: 0,
-                    used_inodes: 0,
-                    free_inodes: 0,
-                };
-                return Ok((Stats::Filesystem(zero), cond));
-            }
+            Liveness::Stuck => return Ok(stuck_mount_stats(id, path)),
             Liveness::Answers => {}
         }
         match mounted_at(path)? {
@@ -395,7 +392,7 @@ impl S3Node {
                 Ok(Ok(Err(e))) if e.raw_os_error() == Some(libc::ENOTCONN) => return Ok(dead_mount_stats(id)),
                 Ok(Ok(Err(e))) => return Err(Error::system("read the usage", path.display(), e)),
                 Ok(Err(e)) => return Err(Error::system("read the usage", path.display(), e)),
-                Err(_) => return Err(stuck(id, path)),
+                Err(_) => return Ok(stuck_mount_stats(id, path)),
             };
         let mut cond = Condition::healthy();
         if let Some(m) = &self.mounter {

@@ -61,6 +61,16 @@ fn errno(op: &str, e: &FsError) -> Errno {
     Errno::from_i32(e.errno)
 }
 
+/// The process (thread group) of the thread `pid` that sent a request, as the kernel names
+/// it in our pid namespace: files opened by one thread of a program may be closed by
+/// another. `pid` itself when /proc cannot say (the thread is gone).
+pub fn thread_group(pid: u32) -> u32 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("Tgid:").and_then(|v| v.trim().parse().ok())))
+        .unwrap_or(pid)
+}
+
 type Listing = Arc<Vec<(u64, FileType, String)>>;
 
 /// The FUSE face of one mounted volume.
@@ -101,6 +111,10 @@ impl Filesystem for FuseFs {
                 Err(e) => reply.error(errno("lookup", &e)),
             }
         });
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.fs.forget(ino.0, nlookup);
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
@@ -192,9 +206,13 @@ impl Filesystem for FuseFs {
         });
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let pid = req.pid();
         self.spawn(|fs| async move {
-            match fs.open(ino.0, flags.0).await {
+            let acc = flags.0 & libc::O_ACCMODE;
+            // Only a writer's opener matters (its close commits).
+            let opener = if acc == libc::O_RDONLY { pid } else { thread_group(pid) };
+            match fs.open(ino.0, flags.0, opener).await {
                 Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
                 Err(e) => reply.error(errno("open", &e)),
             }
@@ -241,9 +259,12 @@ impl Filesystem for FuseFs {
         });
     }
 
-    fn flush(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+    fn flush(&self, req: &Request, _ino: INodeNo, fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+        let pid = req.pid();
+        // Read while the closing process still exists (it waits for this reply).
+        let closer = thread_group(pid);
         self.spawn(|fs| async move {
-            match fs.flush(fh.0).await {
+            match fs.flush(fh.0, closer).await {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(errno("flush", &e)),
             }
@@ -333,21 +354,36 @@ impl Filesystem for FuseFs {
 
     fn create(
         &self,
-        _req: &Request,
+        req: &Request,
         parent: INodeNo,
         name: &OsStr,
         _mode: u32,
         _umask: u32,
-        _flags: i32,
+        flags: i32,
         reply: ReplyCreate,
     ) {
         let name = name.to_owned();
+        let opener = thread_group(req.pid());
         self.spawn(|fs| async move {
-            match fs.create(parent.0, &name).await {
+            match fs.create(parent.0, &name, flags, opener).await {
                 Ok((a, fh)) => reply.created(&TTL, &to_attr(&a), Generation(0), FileHandle(fh), FopenFlags::empty()),
                 Err(e) => reply.error(errno("create", &e)),
             }
         });
+    }
+}
+
+/// The read-ahead of a mount, KiB: as large as one FUSE request may be (`max_write` sets
+/// `max_pages` to 1 MiB), so that a sequential reader's requests are 1 MiB each.
+const READ_AHEAD_KB: u32 = 1024;
+
+/// The kernel reads ahead of a FUSE file no further than its bdi's `read_ahead_kb` (128 KiB
+/// by default, whatever the init reply offers), which makes a sequential read cost one FUSE
+/// request per 128 KiB. Best effort: a failure only costs throughput.
+fn raise_read_ahead(dev: u64) {
+    let path = format!("/sys/class/bdi/{}:{}/read_ahead_kb", nix::sys::stat::major(dev), nix::sys::stat::minor(dev));
+    if let Err(e) = std::fs::write(&path, READ_AHEAD_KB.to_string()) {
+        tracing::debug!(path, error = %e, "cannot raise the mount's read-ahead");
     }
 }
 
@@ -402,25 +438,40 @@ pub fn mount(
     let thread = std::thread::Builder::new().name("fuse-session".into()).spawn(move || session.run()).map_err(undo)?;
     // Answered by the session now running (the root's attributes need no S3 call).
     let conn = std::fs::metadata(target).ok().map(|m| m.dev());
+    if let Some(dev) = conn {
+        raise_read_ahead(dev);
+    }
     Ok(Mounted { target: target.to_owned(), conn, thread: Some(thread) })
 }
 
 impl Mounted {
     /// Unmounts (lazily when busy) and ends the session.
     pub fn unmount(mut self) -> io::Result<()> {
+        self.detach()?;
+        self.end_session();
+        Ok(())
+    }
+
+    /// Unmounts, lazily when busy: answers whether it was busy (files were still open, and
+    /// the kernel may go on serving them until the session ends).
+    pub fn detach(&self) -> io::Result<bool> {
         use nix::mount::MntFlags;
         match nix::mount::umount2(&self.target, MntFlags::empty()) {
-            Ok(()) => {}
+            Ok(()) => Ok(false),
             Err(nix::errno::Errno::EBUSY) => {
                 tracing::warn!(target = %self.target.display(), "the mount is busy: detaching it lazily");
                 nix::mount::umount2(&self.target, MntFlags::MNT_DETACH)?;
+                Ok(true)
             }
             // Not mounted any more (someone unmounted it by hand).
-            Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => {}
-            Err(e) => return Err(e.into()),
+            Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => Ok(false),
+            Err(e) => Err(e.into()),
         }
+    }
+
+    /// Ends the session after [`Mounted::detach`].
+    pub fn end(mut self) {
         self.end_session();
-        Ok(())
     }
 
     fn wait(&self, limit: Duration) -> bool {

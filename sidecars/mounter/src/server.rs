@@ -97,8 +97,7 @@ pub async fn serve(socket: PathBuf) -> io::Result<()> {
             _ = int.recv() => { tracing::info!("SIGINT: unmounting everything"); break; }
         }
     }
-    let m = mounter.clone();
-    tokio::task::spawn_blocking(move || m.unmount_all()).await.map_err(io::Error::other)?;
+    mounter.unmount_all().await;
     let _ = std::fs::remove_file(&socket);
     Ok(())
 }
@@ -272,29 +271,24 @@ impl Mounter {
     async fn unmount(&self, target: PathBuf) -> Result<(), Error> {
         self.begin(&target)?;
         let live = lock(&self.state).mounts.remove(&target);
+        if let Some(l) = live {
+            let r = end_mount(l).await;
+            self.end(&target);
+            return r;
+        }
         let t = target.clone();
+        // A mount a dead mounter left there goes too; anything else is not ours.
         let r = tokio::task::spawn_blocking(move || -> Result<(), Error> {
-            match live {
-                Some(l) => {
-                    let vol = l.spec.volume_id.clone();
-                    l.mounted.unmount().map_err(|e| Error::system(format!("unmount of {}", t.display()), format!("volume {vol:?}"), e))?;
-                    tracing::info!(volume = %vol, target = %t.display(), "unmounted");
-                    Ok(())
-                }
-                None => {
-                    // A mount a dead mounter left there goes too; anything else is not ours.
-                    if let Ok(m) = crate::mountinfo::read() {
-                        if let Some(m) = crate::mountinfo::at(&m, &t) {
-                            if m.fstype == crate::mountinfo::FSTYPE && crate::fuse::is_dead(&t) {
-                                nix::mount::umount2(&t, nix::mount::MntFlags::MNT_DETACH)
-                                    .map_err(|e| Error::system("unmount of a dead mount", t.display(), e))?;
-                                tracing::info!(target = %t.display(), "removed a dead mount left by a previous mounter");
-                            }
-                        }
+            if let Ok(m) = crate::mountinfo::read() {
+                if let Some(m) = crate::mountinfo::at(&m, &t) {
+                    if m.fstype == crate::mountinfo::FSTYPE && crate::fuse::is_dead(&t) {
+                        nix::mount::umount2(&t, nix::mount::MntFlags::MNT_DETACH)
+                            .map_err(|e| Error::system("unmount of a dead mount", t.display(), e))?;
+                        tracing::info!(target = %t.display(), "removed a dead mount left by a previous mounter");
                     }
-                    Ok(())
                 }
             }
+            Ok(())
         })
         .await
         .map_err(|e| Error::system("unmount", target.display(), e));
@@ -302,17 +296,42 @@ impl Mounter {
         r?
     }
 
-    /// Unmounts everything (shutdown).
-    pub fn unmount_all(&self) {
+    /// Unmounts everything (shutdown), aborting the uploads of files left open.
+    pub async fn unmount_all(&self) {
         let all: Vec<Live> = lock(&self.state).mounts.drain().map(|(_, l)| l).collect();
         for l in all {
-            let (vol, t) = (l.spec.volume_id.clone(), l.spec.target.clone());
-            match l.mounted.unmount() {
-                Ok(()) => tracing::info!(volume = %vol, target = %t.display(), "unmounted"),
-                Err(e) => tracing::error!(volume = %vol, target = %t.display(), error = %e, "unmount failed"),
+            if let Err(e) = end_mount(l).await {
+                tracing::error!(error = %e, "unmount failed");
             }
         }
     }
+}
+
+/// Unmounts `l`, settles the files still open for writing, then ends its session. After a
+/// clean unmount every file was closed (a close whose release the kernel dropped at the
+/// unmount is committed now); after a busy one (detached lazily) the files still open are
+/// discarded and their multipart uploads aborted, so that nothing is left in the bucket.
+async fn end_mount(l: Live) -> Result<(), Error> {
+    let (vol, t) = (l.spec.volume_id.clone(), l.spec.target.clone());
+    let mounted = Arc::new(l.mounted);
+    let m = mounted.clone();
+    let busy = tokio::task::spawn_blocking(move || m.detach())
+        .await
+        .map_err(|e| Error::system("unmount", t.display(), e))?
+        .map_err(|e| Error::system(format!("unmount of {}", t.display()), format!("volume {vol:?}"), e))?;
+    let n = l.fs.settle_writers(!busy).await;
+    if busy && n > 0 {
+        tracing::warn!(volume = %vol, target = %t.display(), files = n,
+            "files still open for writing at unmount were discarded (their uploads aborted)");
+    }
+    match Arc::try_unwrap(mounted) {
+        Ok(m) => {
+            let _ = tokio::task::spawn_blocking(move || m.end()).await;
+        }
+        Err(_) => tracing::warn!(target = %t.display(), "the session of an unmounted volume is still referenced"),
+    }
+    tracing::info!(volume = %vol, target = %t.display(), "unmounted");
+    Ok(())
 }
 
 fn not_mounted(target: &Path) -> Error {

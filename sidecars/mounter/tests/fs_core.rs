@@ -51,7 +51,7 @@ async fn ino_of(fs: &S3Fs, path: &str) -> Result<u64, FsError> {
 }
 
 async fn write_file(fs: &S3Fs, parent: u64, name: &str, data: &[u8], step: usize) -> Result<(), FsError> {
-    let (_, fh) = fs.create(parent, OsStr::new(name)).await?;
+    let (_, fh) = fs.create(parent, OsStr::new(name), 0, 1).await?;
     let mut off = 0;
     for piece in data.chunks(step.max(1)) {
         if let Err(e) = fs.write(fh, off, piece).await {
@@ -64,7 +64,7 @@ async fn write_file(fs: &S3Fs, parent: u64, name: &str, data: &[u8], step: usize
 }
 
 async fn read_file(fs: &S3Fs, ino: u64, step: u32) -> Vec<u8> {
-    let fh = fs.open(ino, libc::O_RDONLY).await.expect("open for reading");
+    let fh = fs.open(ino, libc::O_RDONLY, 1).await.expect("open for reading");
     let mut out = Vec::new();
     loop {
         let b = fs.read(fh, out.len() as u64, step).await.expect("read");
@@ -140,7 +140,7 @@ async fn a_multipart_file_reads_back_byte_exact_with_prefetch() {
     eprintln!("20 MiB on {}: written in {wrote:?}, read back in {read:?}", s.server.name());
 
     // A random read is served by a ranged GET of exactly what it asks.
-    let fh = fs.open(ino, libc::O_RDONLY).await.expect("open");
+    let fh = fs.open(ino, libc::O_RDONLY, 1).await.expect("open");
     let off = 13 * 1024 * 1024 + 7;
     let b = fs.read(fh, off as u64, 4096).await.expect("random read");
     assert_eq!(&b[..], &data[off..off + 4096]);
@@ -149,7 +149,7 @@ async fn a_multipart_file_reads_back_byte_exact_with_prefetch() {
     fs.release(fh).await.expect("release");
 
     // Writes must be sequential.
-    let (_, fh) = fs.create(ROOT_INO, OsStr::new("seq.bin")).await.expect("create");
+    let (_, fh) = fs.create(ROOT_INO, OsStr::new("seq.bin"), 0, 1).await.expect("create");
     fs.write(fh, 0, b"abc").await.expect("first write");
     assert_eq!(fs.write(fh, 10, b"def").await.expect_err("a gap").errno, libc::EINVAL);
     let _ = fs.release(fh).await;
@@ -234,8 +234,8 @@ async fn truncation_rewrites_and_in_place_changes_are_refused() {
     let fs = fs_with(&s, config(&s, &p, Duration::from_secs(10)), 1 << 30).await;
     write_file(&fs, ROOT_INO, "f", b"first version", 5).await.expect("write");
     let ino = ino_of(&fs, "f").await.expect("f");
-    assert_eq!(fs.open(ino, libc::O_WRONLY).await.expect_err("no O_TRUNC").errno, libc::EOPNOTSUPP);
-    let fh = fs.open(ino, libc::O_WRONLY | libc::O_TRUNC).await.expect("O_TRUNC");
+    assert_eq!(fs.open(ino, libc::O_WRONLY, 1).await.expect_err("no O_TRUNC").errno, libc::EOPNOTSUPP);
+    let fh = fs.open(ino, libc::O_WRONLY | libc::O_TRUNC, 1).await.expect("O_TRUNC");
     fs.write(fh, 0, b"second").await.expect("write");
     fs.release(fh).await.expect("commit");
     assert_eq!(read_file(&fs, ino, 4096).await, b"second");
@@ -244,7 +244,7 @@ async fn truncation_rewrites_and_in_place_changes_are_refused() {
     assert_eq!(fs.setattr(ino, Some(0), None).await.expect("truncate to 0").size, 0);
     assert_eq!(fs.usage().used_bytes, 0);
     // An empty file can be opened for writing without O_TRUNC.
-    let fh = fs.open(ino, libc::O_WRONLY).await.expect("empty file");
+    let fh = fs.open(ino, libc::O_WRONLY, 1).await.expect("empty file");
     fs.write(fh, 0, b"third").await.expect("write");
     fs.release(fh).await.expect("commit");
     assert_eq!(read_file(&fs, ino, 4096).await, b"third");
@@ -265,12 +265,12 @@ async fn a_read_only_mount_refuses_every_change() {
     let f = ino_of(&ro, "f").await.expect("f");
     assert_eq!(read_file(&ro, f, 4096).await, b"data", "reads work");
     let errs = [
-        ro.create(ROOT_INO, OsStr::new("new")).await.map(|_| ()).expect_err("create"),
+        ro.create(ROOT_INO, OsStr::new("new"), 0, 1).await.map(|_| ()).expect_err("create"),
         ro.mkdir(ROOT_INO, OsStr::new("e")).await.map(|_| ()).expect_err("mkdir"),
         ro.unlink(ROOT_INO, OsStr::new("f")).await.expect_err("unlink"),
         ro.rmdir(ROOT_INO, OsStr::new("d")).await.expect_err("rmdir"),
         ro.rename(ROOT_INO, OsStr::new("f"), ROOT_INO, OsStr::new("g"), false).await.expect_err("rename"),
-        ro.open(f, libc::O_WRONLY | libc::O_TRUNC).await.map(|_| ()).expect_err("open for writing"),
+        ro.open(f, libc::O_WRONLY | libc::O_TRUNC, 1).await.map(|_| ()).expect_err("open for writing"),
         ro.setattr(f, Some(0), None).await.map(|_| ()).expect_err("truncate"),
     ];
     for e in errs {
@@ -308,4 +308,280 @@ async fn a_paused_server_fails_an_operation_with_eio_within_the_bound() {
     // Once the server answers again, so does the filesystem.
     assert_eq!(fs.lookup(ROOT_INO, OsStr::new("f")).await.expect("resumed").size, 4);
     assert!(fs.usage().healthy);
+}
+
+async fn object(s: &S3Server, key: &str) -> Option<Vec<u8>> {
+    match client(s).get_object().bucket(&s.bucket).key(key).send().await {
+        Ok(o) => Some(o.body.collect().await.expect("body").into_bytes().to_vec()),
+        Err(_) => None,
+    }
+}
+
+async fn uploads(s: &S3Server, p: &str) -> usize {
+    let u = client(s).list_multipart_uploads().bucket(&s.bucket).prefix(p).send().await.expect("list uploads");
+    u.uploads().len()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn only_the_openers_close_commits_and_a_failed_commit_is_reported_by_every_close() {
+    // Boxed: the whole future would not fit on the test thread's stack in debug builds.
+    Box::pin(only_the_openers_close_commits_and_a_failed_commit_is_reported_by_every_close_body()).await;
+}
+
+async fn only_the_openers_close_commits_and_a_failed_commit_is_reported_by_every_close_body() {
+    let s = S3Server::start();
+    let p = prefix("close");
+    let fs = fs_with(&s, config(&s, &p, Duration::from_secs(10)), 4 << 20).await;
+    // Opened by process 100; process 200 (a child that inherited the descriptor) closes
+    // its copy: nothing is committed, and writing goes on.
+    let (_, fh) = fs.create(ROOT_INO, OsStr::new("out.log"), 0, 100).await.expect("create");
+    // A shell opens, dup2s and closes the original before writing: that close commits nothing.
+    fs.flush(fh, 100).await.expect("the opener's close before any write");
+    assert_eq!(object(&s, &format!("{p}out.log")).await, None, "nothing committed before a write");
+    fs.write(fh, 0, b"one\n").await.expect("write one");
+    fs.flush(fh, 200).await.expect("another process's close");
+    assert_eq!(object(&s, &format!("{p}out.log")).await, None, "not committed by another process's close");
+    fs.write(fh, 4, b"two\n").await.expect("write two after the child's close");
+    fs.flush(fh, 100).await.expect("the opener's close commits");
+    assert_eq!(object(&s, &format!("{p}out.log")).await.as_deref(), Some(&b"one\ntwo\n"[..]));
+    fs.flush(fh, 100).await.expect("a later close of a dup answers the commit again");
+    fs.release(fh).await.expect("release");
+
+    // A commit that fails (past the quota) is reported by every close, and by release.
+    let (_, fh) = fs.create(ROOT_INO, OsStr::new("big"), 0, 100).await.expect("create");
+    let data = pattern(1 << 20);
+    let mut off = 0;
+    let mut refused = None;
+    for _ in 0..6 {
+        match fs.write(fh, off, &data).await {
+            Ok(n) => off += n as u64,
+            Err(e) => {
+                refused = Some(e);
+                break;
+            }
+        }
+    }
+    assert_eq!(refused.expect("the quota stops a write").errno, libc::ENOSPC);
+    fs.flush(fh, 200).await.expect("another process's close commits nothing and reports nothing yet");
+    assert_eq!(fs.flush(fh, 100).await.expect_err("the opener's close").errno, libc::ENOSPC);
+    assert_eq!(fs.flush(fh, 100).await.expect_err("a later close of a dup").errno, libc::ENOSPC);
+    assert_eq!(fs.flush(fh, 200).await.expect_err("any later close").errno, libc::ENOSPC);
+    assert_eq!(fs.release(fh).await.expect_err("release").errno, libc::ENOSPC);
+    assert_eq!(object(&s, &format!("{p}big")).await, None);
+
+    // A commit that fails at the server (paused past the bound) is reported the same way.
+    let fs = fs_with(&s, config(&s, &p, Duration::from_secs(2)), 1 << 30).await;
+    let (_, fh) = fs.create(ROOT_INO, OsStr::new("late"), 0, 100).await.expect("create");
+    fs.write(fh, 0, b"data").await.expect("write");
+    s.pause();
+    std::thread::sleep(Duration::from_millis(300));
+    let e = fs.flush(fh, 100).await.expect_err("the commit fails");
+    s.resume();
+    assert_eq!(e.errno, libc::EIO, "{e}");
+    assert_eq!(fs.flush(fh, 100).await.expect_err("again").errno, libc::EIO);
+    assert_eq!(fs.release(fh).await.expect_err("release").errno, libc::EIO);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_file_replaced_while_open_fails_reads_with_eio_and_a_file_being_written_cannot_be_read() {
+    // Boxed: the whole future would not fit on the test thread's stack in debug builds.
+    Box::pin(a_file_replaced_while_open_fails_reads_with_eio_and_a_file_being_written_cannot_be_read_body()).await;
+}
+
+async fn a_file_replaced_while_open_fails_reads_with_eio_and_a_file_being_written_cannot_be_read_body() {
+    let s = S3Server::start();
+    let p = prefix("torn");
+    let fs = fs_with(&s, config(&s, &p, Duration::from_secs(10)), 1 << 30).await;
+    let chunk = fs.config().read_chunk as usize;
+    let data = pattern(6 * chunk);
+    write_file(&fs, ROOT_INO, "f", &data, 1 << 20).await.expect("write f");
+    let ino = ino_of(&fs, "f").await.expect("f");
+    let fh = fs.open(ino, libc::O_RDONLY, 1).await.expect("open");
+    assert_eq!(&fs.read(fh, 0, 4096).await.expect("first read")[..], &data[..4096]);
+    // Another client replaces it with an object of the same size.
+    let other: Vec<u8> = data.iter().map(|b| b.wrapping_add(1)).collect();
+    put(&s, &format!("{p}f"), &other).await;
+    // A read of a chunk not yet fetched names the version opened: 412, EIO.
+    let e = fs.read(fh, (5 * chunk) as u64, 4096).await.expect_err("the object changed");
+    assert_eq!(e.errno, libc::EIO, "{e}");
+    assert!(e.message.contains("replaced"), "{e}");
+    fs.release(fh).await.expect("release");
+    // Opened again (after the cached entry expires or is dropped), it reads the new version.
+    fs.drop_caches();
+    assert_eq!(read_file(&fs, ino, 1 << 20).await, other);
+
+    // A file being written through this mount cannot be opened for reading.
+    let (a, wfh) = fs.create(ROOT_INO, OsStr::new("w"), 0, 1).await.expect("create w");
+    fs.write(wfh, 0, b"partial").await.expect("write");
+    assert_eq!(fs.open(a.ino, libc::O_RDONLY, 1).await.expect_err("being written").errno, libc::EBUSY);
+    let e = fs.rename(ROOT_INO, OsStr::new("w"), ROOT_INO, OsStr::new("x"), false).await.expect_err("rename");
+    assert_eq!(e.errno, libc::EBUSY);
+    assert_eq!(fs.unlink(ROOT_INO, OsStr::new("w")).await.expect_err("unlink").errno, libc::EBUSY);
+    fs.release(wfh).await.expect("commit");
+    assert_eq!(read_file(&fs, a.ino, 4096).await, b"partial");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn inodes_are_forgotten_and_caches_and_buffers_stay_bounded() {
+    // Boxed: the whole future would not fit on the test thread's stack in debug builds.
+    Box::pin(inodes_are_forgotten_and_caches_and_buffers_stay_bounded_body()).await;
+}
+
+async fn inodes_are_forgotten_and_caches_and_buffers_stay_bounded_body() {
+    let s = S3Server::start();
+    let p = prefix("bounded");
+    for i in 0..150 {
+        put(&s, &format!("{p}f{i:03}"), b"0123456789").await;
+    }
+    let mut cfg = config(&s, &p, Duration::from_secs(10));
+    cfg.cache_max = 64;
+    let chunk = cfg.read_chunk;
+    cfg.budget = ferrovol_mounter::fs::budget::Budget::new(2 * chunk as usize);
+    let budget = cfg.budget.clone();
+    let fs = fs_with(&s, cfg, 1 << 30).await;
+    assert_eq!(fs.usage().used_bytes, 1500, "the scan sums the sizes");
+    let listed = fs.readdir(ROOT_INO).await.expect("readdir");
+    assert_eq!(listed.len(), 150);
+    assert!(fs.cached_entries() <= 64, "the stat cache holds at most its bound: {}", fs.cached_entries());
+    assert_eq!(fs.inodes_held(), 0, "a listing hands out numbers without holding inodes");
+    let mut inos = Vec::new();
+    for e in &listed {
+        let a = fs.lookup(ROOT_INO, OsStr::new(&e.name)).await.expect("lookup");
+        assert_eq!(a.ino, e.ino, "the listing and the lookup agree on the number");
+        inos.push(a.ino);
+    }
+    assert_eq!(fs.inodes_held(), 150);
+    fs.lookup(ROOT_INO, OsStr::new("f000")).await.expect("a second lookup");
+    for ino in &inos {
+        fs.forget(*ino, 1);
+    }
+    assert_eq!(fs.inodes_held(), 1, "f000 still has a lookup");
+    fs.forget(inos[0], 1);
+    assert_eq!(fs.inodes_held(), 0, "every forgotten inode is gone");
+    assert_eq!(fs.getattr(inos[0]).await.expect_err("forgotten").errno, libc::ENOENT);
+
+    // Prefetch takes chunks ahead only within the budget (2 chunks here) and drops them
+    // (cancelling their GETs) when reading turns random and when the file is closed.
+    let data = pattern(8 * chunk as usize);
+    write_file(&fs, ROOT_INO, "big", &data, 1 << 20).await.expect("write big");
+    assert_eq!(budget.available(), budget.total(), "the writer gave its buffers back");
+    let ino = ino_of(&fs, "big").await.expect("big");
+    let fh = fs.open(ino, libc::O_RDONLY, 1).await.expect("open");
+    let mut off = 0u64;
+    while off < 3 * chunk {
+        let b = fs.read(fh, off, 1 << 20).await.expect("sequential read");
+        assert_eq!(&b[..], &data[off as usize..off as usize + b.len()]);
+        off += b.len() as u64;
+        assert!(fs.chunks_held(fh) <= 3, "at most the budget's 2 chunks and the one read: {}", fs.chunks_held(fh));
+    }
+    let b = fs.read(fh, 7 * chunk, 4096).await.expect("a random read");
+    assert_eq!(&b[..], &data[7 * chunk as usize..7 * chunk as usize + 4096]);
+    assert_eq!(fs.chunks_held(fh), 0, "the prefetched chunks were dropped");
+    assert_eq!(budget.available(), budget.total());
+    fs.read(fh, 7 * chunk + 4096, 1 << 20).await.expect("sequential from there");
+    assert!(fs.chunks_held(fh) > 0, "a new stream prefetches");
+    fs.release(fh).await.expect("release");
+    assert_eq!(budget.available(), budget.total(), "closing gives the chunks back");
+    // A write larger than the budget still goes through: it waits for parts to upload.
+    let data = pattern(3 * chunk as usize + 5);
+    write_file(&fs, ROOT_INO, "big2", &data, 1 << 20).await.expect("write past the budget's size");
+    assert_eq!(read_file(&fs, ino_of(&fs, "big2").await.expect("big2"), 1 << 20).await, data);
+    assert_eq!(budget.available(), budget.total());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn unmount_discards_open_writers_and_aborts_their_uploads() {
+    let s = S3Server::start();
+    let p = prefix("discard");
+    let fs = fs_with(&s, config(&s, &p, Duration::from_secs(10)), 1 << 30).await;
+    let (_, fh) = fs.create(ROOT_INO, OsStr::new("open"), 0, 1).await.expect("create");
+    let part = pattern(fs.config().part_size + 1);
+    fs.write(fh, 0, &part).await.expect("one part uploaded");
+    assert_eq!(uploads(&s, &p).await, 1, "a multipart upload is under way");
+    assert_eq!(fs.settle_writers(false).await, 1);
+    assert_eq!(uploads(&s, &p).await, 0, "the upload was aborted");
+    assert_eq!(fs.release(fh).await.expect_err("nothing was stored").errno, libc::EIO);
+    assert_eq!(object(&s, &format!("{p}open")).await, None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn large_renames_are_exdev_and_a_rename_keeps_both_names_busy() {
+    // Boxed: the whole future would not fit on the test thread's stack in debug builds.
+    Box::pin(large_renames_are_exdev_and_a_rename_keeps_both_names_busy_body()).await;
+}
+
+async fn large_renames_are_exdev_and_a_rename_keeps_both_names_busy_body() {
+    let s = S3Server::start();
+    let p = prefix("rename2");
+    let mut cfg = config(&s, &p, Duration::from_secs(10));
+    cfg.rename_copy_max = 1 << 20;
+    let fs = fs_with(&s, cfg, 1 << 30).await;
+    write_file(&fs, ROOT_INO, "large", &pattern((1 << 20) + 1), 1 << 20).await.expect("write");
+    let e = fs.rename(ROOT_INO, OsStr::new("large"), ROOT_INO, OsStr::new("moved"), false).await.expect_err("large");
+    assert_eq!(e.errno, libc::EXDEV, "{e}");
+    write_file(&fs, ROOT_INO, "small", b"small", 5).await.expect("write");
+
+    // While a rename is under way (the server is paused under it), both names are busy.
+    s.pause();
+    std::thread::sleep(Duration::from_millis(300));
+    let fs2 = fs.clone();
+    let renaming =
+        tokio::spawn(
+            async move { fs2.rename(ROOT_INO, OsStr::new("small"), ROOT_INO, OsStr::new("target"), false).await },
+        );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let busy_from = fs.create(ROOT_INO, OsStr::new("small"), 0, 1).await.map(|_| ()).expect_err("from is busy");
+    let busy_to = fs.create(ROOT_INO, OsStr::new("target"), 0, 1).await.map(|_| ()).expect_err("to is busy");
+    s.resume();
+    assert_eq!((busy_from.errno, busy_to.errno), (libc::EBUSY, libc::EBUSY), "{busy_from} / {busy_to}");
+    renaming.await.expect("join").expect("the rename finishes");
+    let t = ino_of(&fs, "target").await.expect("target");
+    assert_eq!(read_file(&fs, t, 4096).await, b"small");
+    assert_eq!(fs.lookup(ROOT_INO, OsStr::new("small")).await.expect_err("moved").errno, libc::ENOENT);
+    // Done: the names can be written again.
+    write_file(&fs, ROOT_INO, "small", b"again", 5).await.expect("write after the rename");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn o_excl_commits_only_if_no_object_appeared_and_long_names_are_refused() {
+    // Boxed: the whole future would not fit on the test thread's stack in debug builds.
+    Box::pin(o_excl_commits_only_if_no_object_appeared_and_long_names_are_refused_body()).await;
+}
+
+async fn o_excl_commits_only_if_no_object_appeared_and_long_names_are_refused_body() {
+    let s = S3Server::start();
+    let p = prefix("excl");
+    let fs = fs_with(&s, config(&s, &p, Duration::from_secs(10)), 1 << 30).await;
+    // The success path, small (PutObject) and multipart, on every server.
+    let (_, fh) = fs.create(ROOT_INO, OsStr::new("new"), libc::O_EXCL, 1).await.expect("create O_EXCL");
+    fs.write(fh, 0, b"mine").await.expect("write");
+    fs.release(fh).await.expect("commit");
+    assert_eq!(object(&s, &format!("{p}new")).await.as_deref(), Some(&b"mine"[..]));
+    let big = pattern(fs.config().part_size + 3);
+    let (_, fh) = fs.create(ROOT_INO, OsStr::new("newbig"), libc::O_EXCL, 1).await.expect("create O_EXCL");
+    fs.write(fh, 0, &big).await.expect("write");
+    fs.release(fh).await.expect("commit multipart");
+    assert_eq!(object(&s, &format!("{p}newbig")).await, Some(big));
+    assert_eq!(
+        fs.create(ROOT_INO, OsStr::new("new"), libc::O_EXCL, 1).await.map(|_| ()).expect_err("exists").errno,
+        libc::EEXIST
+    );
+    // Another client creates the name while it is open: the commit is EEXIST and theirs
+    // stays. Only on moto: garage accepts If-None-Match: * on an existing key (S3-TESTING.md).
+    if s.server == ferrovol_s3::testing::Server::Moto {
+        let (_, fh) = fs.create(ROOT_INO, OsStr::new("race"), libc::O_EXCL, 1).await.expect("create O_EXCL");
+        fs.write(fh, 0, b"mine").await.expect("write");
+        put(&s, &format!("{p}race"), b"theirs").await;
+        assert_eq!(fs.release(fh).await.expect_err("someone else's object is there").errno, libc::EEXIST);
+        assert_eq!(object(&s, &format!("{p}race")).await.as_deref(), Some(&b"theirs"[..]));
+    }
+    // Names of more than 255 bytes are refused, as statfs says.
+    let long = "n".repeat(256);
+    assert_eq!(
+        fs.create(ROOT_INO, OsStr::new(&long), 0, 1).await.map(|_| ()).expect_err("long").errno,
+        libc::ENAMETOOLONG
+    );
+    assert_eq!(fs.lookup(ROOT_INO, OsStr::new(&long)).await.expect_err("long").errno, libc::ENAMETOOLONG);
+    assert_eq!(fs.statfs().namelen, 255);
+    assert!(fs.create(ROOT_INO, OsStr::new(&"n".repeat(255)), 0, 1).await.is_ok());
 }

@@ -341,6 +341,11 @@ async fn a_killed_mounter_leaves_enotconn_and_the_next_mount_replaces_it() {
                // directory there would take the pod's writes onto the node's disk silently.
     assert!(mounted(&t), "the new mounter leaves the dead mount in place");
     assert_eq!(errno(std::fs::metadata(&t)), libc::ENOTCONN, "and it still fails every access");
+    // The report is logged right after the socket is bound: wait for it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !m.log().contains("a dead mount left by a previous mounter") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
     assert!(m.log().contains("a dead mount left by a previous mounter"), "it reports it in its log");
     m.client().mount(&spec).await.expect("mount again");
     assert_eq!(std::fs::read(t.join("f")).expect("read"), b"kept in S3");
@@ -380,4 +385,82 @@ async fn mount_errors_name_the_volume_and_the_cause() {
 
     spec.target = PathBuf::from("relative/path");
     assert_eq!(c.mount(&spec).await.expect_err("relative").code(), Code::InvalidArgument);
+}
+
+fn close(fd: i32) -> Result<(), i32> {
+    // SAFETY: `fd` is a descriptor this test opened (or dup'd) and closes exactly once.
+    let r = unsafe { libc::close(fd) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_openers_close_commits_and_a_failed_commit_is_reported_by_every_close() {
+    use std::os::fd::IntoRawFd;
+    let s = S3Server::start();
+    let mut m = Mounter::start();
+    let t = m.target();
+    let spec = volume(&s, &t, 4 << 20, false).await;
+    let c = m.client();
+    c.mount(&spec).await.expect("mount");
+    // /bin/true inherits bash's fd 1 and closes it when it exits: that close must not
+    // commit the file, or "echo two" would fail.
+    let out = t.join("out.log");
+    let st = Command::new("bash")
+        .arg("-c")
+        .arg(format!("exec >{}; echo one; /bin/true; echo two", out.display()))
+        .status()
+        .expect("bash");
+    assert!(st.success(), "{st}");
+    assert_eq!(std::fs::read(&out).expect("read out.log"), b"one\ntwo\n");
+
+    // A commit that fails (past the quota) is reported by close, and again by the close
+    // of a dup.
+    let f = std::fs::File::create(t.join("big")).expect("create big");
+    let fd = f.into_raw_fd();
+    // SAFETY: dup of a descriptor we own; the copy is closed below.
+    let dup = unsafe { libc::dup(fd) };
+    assert!(dup >= 0);
+    let chunk = pattern(1 << 20);
+    let mut refused = None;
+    for _ in 0..6 {
+        // SAFETY: writes from a live buffer of the given length to our descriptor.
+        let n = unsafe { libc::write(fd, chunk.as_ptr().cast(), chunk.len()) };
+        if n < 0 {
+            refused = std::io::Error::last_os_error().raw_os_error();
+            break;
+        }
+    }
+    assert_eq!(refused, Some(libc::ENOSPC));
+    assert_eq!(close(fd), Err(libc::ENOSPC), "close reports the failed commit");
+    assert_eq!(close(dup), Err(libc::ENOSPC), "and so does the close of the dup");
+    assert_eq!(errno(std::fs::metadata(t.join("big"))), libc::ENOENT, "nothing was committed");
+    c.unmount(&t).await.expect("unmount");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unmount_aborts_the_upload_of_a_file_left_open() {
+    let s = S3Server::start();
+    let mut m = Mounter::start();
+    let t = m.target();
+    let spec = volume(&s, &t, 1 << 30, false).await;
+    let c = m.client();
+    c.mount(&spec).await.expect("mount");
+    let s3 = build_client(&s.endpoint, Timeouts::default());
+    let uploads = || async {
+        let u = s3.list_multipart_uploads().bucket(&s.bucket).prefix(&spec.data_prefix).send().await.expect("list");
+        u.uploads().len()
+    };
+    let mut f = std::fs::File::create(t.join("open")).expect("create");
+    // More than one 8 MiB part: a multipart upload is under way.
+    std::io::Write::write_all(&mut f, &pattern(9 << 20)).expect("write");
+    assert_eq!(uploads().await, 1, "one part uploaded");
+    // The mount is busy (the file is open): detached, its session aborted, the writer discarded.
+    c.unmount(&t).await.expect("unmount");
+    assert!(!mounted(&t));
+    assert_eq!(uploads().await, 0, "the unmount aborted the upload");
+    drop(f);
 }

@@ -8,6 +8,9 @@ use super::FsError;
 /// The longest key S3 accepts, in bytes.
 pub const MAX_KEY_LEN: usize = 1024;
 
+/// The longest name of one entry, in bytes (`statfs` reports it as `namemax`).
+pub const MAX_NAME_LEN: usize = 255;
+
 /// The path of `name` inside directory `parent`.
 pub fn join(parent: &str, name: &str) -> String {
     if parent.is_empty() {
@@ -26,13 +29,20 @@ pub fn split(path: &str) -> (&str, &str) {
 }
 
 /// Checks one name the kernel hands in (never `.`/`..`, never with `/`): S3 keys are UTF-8,
-/// and the key it makes must fit S3's limit.
+/// a name has at most [`MAX_NAME_LEN`] bytes (FUSE lets up to 1024 through), and the key it
+/// makes must fit S3's limit.
 pub fn check_name(prefix: &str, parent: &str, name: &std::ffi::OsStr) -> Result<String, FsError> {
     let Some(name) = name.to_str() else {
         return Err(FsError::new(libc::EINVAL, "the name is not UTF-8, which S3 keys must be"));
     };
     if name.is_empty() || name == "." || name == ".." || name.contains('/') || name.contains('\0') {
         return Err(FsError::new(libc::EINVAL, format!("{name:?} is not a file name")));
+    }
+    if name.len() > MAX_NAME_LEN {
+        return Err(FsError::new(
+            libc::ENAMETOOLONG,
+            format!("a name of {} bytes: names have at most {MAX_NAME_LEN}", name.len()),
+        ));
     }
     let path = join(parent, name);
     // +1 for the trailing `/` a directory's marker carries.
@@ -119,6 +129,13 @@ mod tests {
         assert_eq!(check_name(P, "", OsStr::new("..")).expect_err("dotdot").errno, libc::EINVAL);
         let long = "x".repeat(MAX_KEY_LEN);
         assert_eq!(check_name(P, "", OsStr::new(&long)).expect_err("long").errno, libc::ENAMETOOLONG);
+        let name = "n".repeat(MAX_NAME_LEN);
+        assert!(check_name(P, "", OsStr::new(&name)).is_ok(), "255 bytes is the limit");
+        let name = "n".repeat(MAX_NAME_LEN + 1);
+        assert_eq!(check_name(P, "", OsStr::new(&name)).expect_err("256").errno, libc::ENAMETOOLONG);
+        // A path of names that each fit can still make a key past S3's limit.
+        let dir = vec!["d".repeat(200); 5].join("/");
+        assert_eq!(check_name(P, &dir, OsStr::new("f")).expect_err("key").errno, libc::ENAMETOOLONG);
         use std::os::unix::ffi::OsStrExt;
         assert_eq!(check_name(P, "", OsStr::from_bytes(b"\xff")).expect_err("utf8").errno, libc::EINVAL);
     }

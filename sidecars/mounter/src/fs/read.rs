@@ -1,14 +1,19 @@
 //! Reads that stream: a handle's reads are sequential when each starts in or next to the
 //! chunk the last one ended in; then the chunks ahead are fetched by parallel ranged GETs
 //! (`depth` chunks of `chunk` bytes in flight at most, so a handle holds at most
-//! `(depth + 2) * chunk` bytes). Any other read is one ranged GET of exactly what it asks.
+//! `(depth + 2) * chunk` bytes, and chunks ahead of the read only while the process-wide
+//! [`Budget`] has room). Any other read is one ranged GET of exactly what it asks. Every GET
+//! names the version opened (`If-Match` with its ETag): an object replaced while open fails
+//! the read with EIO instead of mixing versions. Prefetches still running are cancelled when
+//! their chunk is dropped: when reading turns non-sequential and when the handle is closed.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use bytes::{Bytes, BytesMut};
-use tokio::sync::OnceCell;
+use tokio::sync::{OnceCell, OwnedSemaphorePermit};
 
+use super::budget::Budget;
 use super::s3::S3Ctx;
 use super::FsError;
 
@@ -46,20 +51,40 @@ pub fn window(first: u64, last: u64, depth: u64, size: u64, chunk: u64) -> std::
 
 type Cell = Arc<OnceCell<Result<Bytes, FsError>>>;
 
+/// One chunk: its bytes once fetched, the task fetching it ahead (cancelled when the chunk
+/// is dropped) and its share of the budget.
+#[derive(Debug)]
+struct Slot {
+    cell: Cell,
+    task: Option<tokio::task::AbortHandle>,
+    _permit: Option<OwnedSemaphorePermit>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Some(t) = &self.task {
+            t.abort();
+        }
+    }
+}
+
 /// The read side of one open file.
 #[derive(Debug)]
 pub struct Reader {
     key: String,
     size: u64,
+    /// The version opened.
+    etag: Option<String>,
     chunk: u64,
     depth: u64,
+    budget: Budget,
     state: Mutex<State>,
 }
 
 #[derive(Debug, Default)]
 struct State {
     last: Option<u64>,
-    chunks: BTreeMap<u64, Cell>,
+    chunks: BTreeMap<u64, Slot>,
     /// The last failure: the kernel retries a failed readahead at once with a plain read,
     /// which would wait out the bound a second time; within `RETRY_FAST` it fails at once.
     failed: Option<(FsError, std::time::Instant)>,
@@ -68,9 +93,9 @@ struct State {
 /// How long after a failed read the same handle's reads fail at once.
 pub const RETRY_FAST: std::time::Duration = std::time::Duration::from_secs(2);
 
-async fn fetch(ctx: &S3Ctx, key: &str, i: u64, size: u64, chunk: u64) -> Result<Bytes, FsError> {
+async fn fetch(ctx: &S3Ctx, key: &str, etag: Option<&str>, i: u64, size: u64, chunk: u64) -> Result<Bytes, FsError> {
     let (start, end) = chunk_range(i, size, chunk);
-    let b = ctx.get_range(key, start, end).await?;
+    let b = ctx.get_range(key, start, end, etag).await?;
     if b.len() as u64 != end - start {
         return Err(FsError::new(
             libc::EIO,
@@ -85,8 +110,9 @@ async fn fetch(ctx: &S3Ctx, key: &str, i: u64, size: u64, chunk: u64) -> Result<
 }
 
 impl Reader {
-    pub fn new(key: String, size: u64, chunk: u64, depth: u64) -> Self {
-        Reader { key, size, chunk: chunk.max(1), depth, state: Mutex::new(State::default()) }
+    /// The reader of version `etag` (when known) of `key`, `size` bytes.
+    pub fn new(key: String, size: u64, etag: Option<String>, chunk: u64, depth: u64, budget: Budget) -> Self {
+        Reader { key, size, etag, chunk: chunk.max(1), depth, budget, state: Mutex::new(State::default()) }
     }
 
     fn note_failure(&self, e: &FsError) {
@@ -97,6 +123,11 @@ impl Reader {
 
     pub fn size(&self) -> u64 {
         self.size
+    }
+
+    /// Chunks held (fetched or being fetched): tests.
+    pub fn chunks_held(&self) -> usize {
+        self.state.lock().map(|st| st.chunks.len()).unwrap_or(0)
     }
 
     /// Up to `len` bytes from `offset` (fewer at the end of the file).
@@ -122,26 +153,38 @@ impl Reader {
                     if st.chunks.contains_key(&i) {
                         continue;
                     }
+                    let (cs, ce) = chunk_range(i, self.size, self.chunk);
+                    let permit = self.budget.try_take(ce - cs);
+                    if permit.is_none() && i > last {
+                        // The budget is spent: no reading ahead.
+                        break;
+                    }
                     let cell: Cell = Arc::new(OnceCell::new());
-                    st.chunks.insert(i, cell.clone());
-                    let (ctx, key, size, chunk) = (ctx.clone(), self.key.clone(), self.size, self.chunk);
-                    tokio::spawn(async move {
-                        cell.get_or_init(|| async { fetch(&ctx, &key, i, size, chunk).await }).await;
+                    let (ctx, key, etag, size, chunk) =
+                        (ctx.clone(), self.key.clone(), self.etag.clone(), self.size, self.chunk);
+                    let c = cell.clone();
+                    let task = tokio::spawn(async move {
+                        c.get_or_init(|| async { fetch(&ctx, &key, etag.as_deref(), i, size, chunk).await }).await;
                     });
+                    st.chunks.insert(i, Slot { cell, task: Some(task.abort_handle()), _permit: permit });
                 }
-                Some((first..=last).filter_map(|i| st.chunks.get(&i).map(|c| (i, c.clone()))).collect())
+                Some((first..=last).filter_map(|i| st.chunks.get(&i).map(|s| (i, s.cell.clone()))).collect())
             } else {
+                // Cancels the prefetches of the stream that ended.
                 st.chunks.clear();
                 None
             }
         };
         let Some(cells) = cells else {
-            return ctx.get_range(&self.key, offset, end).await.inspect_err(|e| self.note_failure(e));
+            return ctx
+                .get_range(&self.key, offset, end, self.etag.as_deref())
+                .await
+                .inspect_err(|e| self.note_failure(e));
         };
         let mut out = BytesMut::with_capacity((end - offset) as usize);
         for (i, cell) in cells {
-            let (key, size, chunk) = (&self.key, self.size, self.chunk);
-            let data = cell.get_or_init(|| async { fetch(ctx, key, i, size, chunk).await }).await;
+            let (key, etag, size, chunk) = (&self.key, self.etag.as_deref(), self.size, self.chunk);
+            let data = cell.get_or_init(|| async { fetch(ctx, key, etag, i, size, chunk).await }).await;
             let data = match data {
                 Ok(d) => d,
                 Err(e) => {

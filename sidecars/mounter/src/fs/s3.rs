@@ -1,6 +1,7 @@
 //! Every S3 call the filesystem makes, each bounded by the mount's timeout (the whole call,
-//! body included: a paused server fails it with EIO at the bound), classified into an errno,
-//! and recorded in the mount's health.
+//! body included: a paused server fails it with EIO at the bound; CopyObject, whose server
+//! copies bytes, gets the longer bound of [`Timeouts::for_copies`]), classified into an
+//! errno, and recorded in the mount's health.
 
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -9,15 +10,41 @@ use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::{ByteStream, DateTime};
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use bytes::Bytes;
+use ferrovol_s3::client::timeout_config;
+use ferrovol_s3::controller::store::{multipart_etag, same_etag, unreadable_success};
 use ferrovol_s3::error::{classify, Kind};
+use ferrovol_s3::Timeouts;
 
 use super::FsError;
 
-/// An object's size and modification time.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// An object's size, modification time and ETag.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ObjMeta {
     pub size: u64,
     pub mtime: SystemTime,
+    pub etag: Option<String>,
+}
+
+/// How long one attempt of a CopyObject may take at least: the server copies the bytes
+/// before it answers (renames copy objects of up to `FsConfig::rename_copy_max`).
+pub const COPY_ATTEMPT: Duration = Duration::from_secs(120);
+
+type HttpResponse = aws_sdk_s3::config::http::HttpResponse;
+
+/// The HTTP status of a failed call, if it got an answer.
+fn status<E>(err: &SdkError<E, HttpResponse>) -> Option<u16> {
+    err.raw_response().map(|r| r.status().as_u16())
+}
+
+/// Whether a CompleteMultipartUpload whose answer could not be read may be taken as done:
+/// the object there now must carry the multipart ETag of exactly the parts completed (the
+/// MD5 of their binary MD5s, `-N`), which an older object, even one of the same size,
+/// cannot have.
+pub fn completed_object_matches(head_etag: Option<&str>, part_etags: &[String]) -> bool {
+    match (head_etag, multipart_etag(part_etags)) {
+        (Some(got), Some(want)) => same_etag(got, &want),
+        _ => false,
+    }
 }
 
 /// One page of a listing.
@@ -72,6 +99,8 @@ pub struct S3Ctx {
     pub bucket: String,
     /// The bound on any one call.
     pub bound: Duration,
+    /// The SDK's bounds of a CopyObject (see [`COPY_ATTEMPT`]).
+    pub copy_timeouts: Timeouts,
     pub health: Health,
 }
 
@@ -80,6 +109,17 @@ fn to_time(t: Option<&DateTime>) -> SystemTime {
 }
 
 impl S3Ctx {
+    /// The S3 side of a mount whose calls are bounded by `bound`.
+    pub fn new(client: aws_sdk_s3::Client, bucket: &str, bound: Duration) -> Self {
+        S3Ctx {
+            client,
+            bucket: bucket.to_owned(),
+            bound,
+            copy_timeouts: Timeouts::within(bound).for_copies(COPY_ATTEMPT),
+            health: Health::default(),
+        }
+    }
+
     fn what(&self, key: &str) -> String {
         format!("{}/{key}", self.bucket)
     }
@@ -117,7 +157,17 @@ impl S3Ctx {
         key: &str,
         fut: impl std::future::Future<Output = Result<T, FsError>>,
     ) -> Result<T, FsError> {
-        match tokio::time::timeout(self.bound, fut).await {
+        self.bounded_by(self.bound, op, key, fut).await
+    }
+
+    async fn bounded_by<T>(
+        &self,
+        bound: Duration,
+        op: &str,
+        key: &str,
+        fut: impl std::future::Future<Output = Result<T, FsError>>,
+    ) -> Result<T, FsError> {
+        match tokio::time::timeout(bound, fut).await {
             Ok(Ok(v)) => {
                 self.health.ok();
                 Ok(v)
@@ -135,6 +185,7 @@ impl S3Ctx {
                     Ok(o) => Ok(Some(ObjMeta {
                         size: o.content_length().unwrap_or(0).max(0) as u64,
                         mtime: to_time(o.last_modified()),
+                        etag: o.e_tag().map(str::to_owned),
                     })),
                     Err(e) => {
                         let f = self.failed("HeadObject", key, &e);
@@ -176,8 +227,11 @@ impl S3Ctx {
                     .iter()
                     .filter_map(|o| {
                         let key = o.key()?.to_owned();
-                        let meta =
-                            ObjMeta { size: o.size().unwrap_or(0).max(0) as u64, mtime: to_time(o.last_modified()) };
+                        let meta = ObjMeta {
+                            size: o.size().unwrap_or(0).max(0) as u64,
+                            mtime: to_time(o.last_modified()),
+                            etag: o.e_tag().map(str::to_owned),
+                        };
                         Some((key, meta))
                     })
                     .collect(),
@@ -207,8 +261,9 @@ impl S3Ctx {
         }
     }
 
-    /// Bytes `[start, end)` of the object.
-    pub async fn get_range(&self, key: &str, start: u64, end: u64) -> Result<Bytes, FsError> {
+    /// Bytes `[start, end)` of the object, of the version with ETag `if_match` when given
+    /// (another version answers 412: EIO saying the object changed).
+    pub async fn get_range(&self, key: &str, start: u64, end: u64, if_match: Option<&str>) -> Result<Bytes, FsError> {
         if end <= start {
             return Ok(Bytes::new());
         }
@@ -219,15 +274,39 @@ impl S3Ctx {
                 .bucket(&self.bucket)
                 .key(key)
                 .range(format!("bytes={start}-{}", end - 1))
+                .set_if_match(if_match.map(str::to_owned))
                 .send()
                 .await
-                .map_err(|e| self.failed("GetObject", key, &e))?;
-            let body = out.body.collect().await.map_err(|e| {
-                let m = format!("S3 GetObject on {}: reading the body failed: {e}", self.what(key));
-                self.health.fail(&m);
-                FsError::new(libc::EIO, m)
-            })?;
-            Ok(body.into_bytes())
+                .map_err(|e| {
+                    if status(&e) == Some(412) {
+                        FsError::new(
+                            libc::EIO,
+                            format!(
+                                "{} was replaced while it was open for reading (its ETag is no longer {}): reading on would mix versions",
+                                self.what(key),
+                                if_match.unwrap_or_default()
+                            ),
+                        )
+                    } else {
+                        self.failed("GetObject", key, &e)
+                    }
+                })?;
+            // Straight into one buffer of the range's size: collecting the frames first
+            // would hold the chunk twice.
+            let mut body = out.body;
+            let mut buf = bytes::BytesMut::with_capacity((end - start) as usize);
+            loop {
+                match body.next().await {
+                    Some(Ok(b)) => buf.extend_from_slice(&b),
+                    Some(Err(e)) => {
+                        let m = format!("S3 GetObject on {}: reading the body failed: {e}", self.what(key));
+                        self.health.fail(&m);
+                        return Err(FsError::new(libc::EIO, m));
+                    }
+                    None => break,
+                }
+            }
+            Ok(buf.freeze())
         })
         .await
     }
@@ -251,19 +330,38 @@ impl S3Ctx {
         .await
     }
 
-    pub async fn put(&self, key: &str, body: Bytes) -> Result<(), FsError> {
+    /// Writes the object; with `exclusive`, only if there is none (`If-None-Match: *`: an
+    /// object there answers 412, EEXIST). Answers the new object's ETag.
+    pub async fn put(&self, key: &str, body: Bytes, exclusive: bool) -> Result<Option<String>, FsError> {
         self.bounded("PutObject", key, async {
-            self.client
+            let out = self
+                .client
                 .put_object()
                 .bucket(&self.bucket)
                 .key(key)
                 .body(ByteStream::from(body))
+                .set_if_none_match(exclusive.then(|| "*".to_owned()))
                 .send()
                 .await
-                .map_err(|e| self.failed("PutObject", key, &e))?;
-            Ok(())
+                .map_err(|e| self.write_failed("PutObject", key, &e))?;
+            Ok(out.e_tag().map(str::to_owned))
         })
         .await
+    }
+
+    /// A failed conditional write: 412 is EEXIST (the object exists), the rest as usual.
+    fn write_failed<E>(&self, op: &str, key: &str, err: &SdkError<E, HttpResponse>) -> FsError
+    where
+        E: ProvideErrorMetadata + std::error::Error + 'static,
+    {
+        if status(err) == Some(412) {
+            self.health.ok();
+            return FsError::new(
+                libc::EEXIST,
+                format!("{} was created by someone else meanwhile (O_EXCL)", self.what(key)),
+            );
+        }
+        self.failed(op, key, err)
     }
 
     pub async fn delete(&self, key: &str) -> Result<(), FsError> {
@@ -280,13 +378,17 @@ impl S3Ctx {
         .await
     }
 
+    /// Copies `from` to `to` on the server, within the longer bounds of copies.
     pub async fn copy(&self, from: &str, to: &str) -> Result<(), FsError> {
-        self.bounded("CopyObject", to, async {
+        let t = self.copy_timeouts;
+        self.bounded_by(t.operation, "CopyObject", to, async {
             self.client
                 .copy_object()
                 .bucket(&self.bucket)
                 .key(to)
                 .copy_source(super::paths::copy_source(&self.bucket, from))
+                .customize()
+                .config_override(aws_sdk_s3::config::Builder::default().timeout_config(timeout_config(t)))
                 .send()
                 .await
                 .map_err(|e| self.failed("CopyObject", to, &e))?;
@@ -330,17 +432,21 @@ impl S3Ctx {
         .await
     }
 
-    /// Completes an upload of `size` bytes. Some servers (moto) answer a successful
-    /// completion with XML the SDK cannot parse (a 200 whose root element is
-    /// `CompleteMultipartUploadResponse`); such an answer counts as success when the object
-    /// is then there with the expected size.
+    /// Completes an upload (with `exclusive`, only if no object is there: 412 is EEXIST) and
+    /// answers the object's ETag. Some servers (moto) answer a successful completion with XML
+    /// the SDK cannot read (a 200 whose root element is `CompleteMultipartUploadResponse`,
+    /// with no error code); only such an answer makes us ask the object, and it counts as
+    /// success only when the object carries the multipart ETag of exactly these parts
+    /// ([`completed_object_matches`]). A 200 carrying an `<Error>` with a code
+    /// (InternalError) is a failure.
     pub async fn complete_upload(
         &self,
         key: &str,
         upload_id: &str,
         parts: Vec<CompletedPart>,
-        size: u64,
-    ) -> Result<(), FsError> {
+        exclusive: bool,
+    ) -> Result<Option<String>, FsError> {
+        let etags: Vec<String> = parts.iter().map(|p| p.e_tag().unwrap_or_default().to_owned()).collect();
         let r = self
             .bounded("CompleteMultipartUpload", key, async {
                 match self
@@ -350,28 +456,33 @@ impl S3Ctx {
                     .key(key)
                     .upload_id(upload_id)
                     .multipart_upload(CompletedMultipartUpload::builder().set_parts(Some(parts)).build())
+                    .set_if_none_match(exclusive.then(|| "*".to_owned()))
                     .send()
                     .await
                 {
-                    Ok(_) => Ok(true),
-                    Err(e) if e.raw_response().is_some_and(|r| r.status().as_u16() == 200) => Ok(false),
-                    Err(e) => Err(self.failed("CompleteMultipartUpload", key, &e)),
+                    Ok(o) => Ok(Some(o.e_tag().map(str::to_owned))),
+                    Err(e) if status(&e) == Some(200) && unreadable_success(200, e.code()) => Ok(None),
+                    Err(e) => Err(self.write_failed("CompleteMultipartUpload", key, &e)),
                 }
             })
             .await?;
-        if r {
-            return Ok(());
+        if let Some(etag) = r {
+            return Ok(etag);
         }
-        match self.head(key).await? {
-            Some(m) if m.size == size => Ok(()),
-            other => Err(FsError::new(
-                libc::EIO,
-                format!(
-                    "S3 CompleteMultipartUpload on {}: the answer did not parse and the object is not there with {size} bytes ({other:?})",
-                    self.what(key)
-                ),
-            )),
+        let head = self.head(key).await?;
+        let got = head.as_ref().and_then(|m| m.etag.as_deref());
+        if completed_object_matches(got, &etags) {
+            return Ok(got.map(str::to_owned));
         }
+        Err(FsError::new(
+            libc::EIO,
+            format!(
+                "S3 CompleteMultipartUpload on {} answered 200 with a body that could not be read, and the object there is not the one completed (ETag {:?}, expected {:?})",
+                self.what(key),
+                got.unwrap_or("none: no object"),
+                multipart_etag(&etags).unwrap_or_else(|| "unknown: a part's ETag is not an MD5".into())
+            ),
+        ))
     }
 
     /// Aborts an upload; a failure is only logged (the bucket's lifecycle rules or the
@@ -393,5 +504,45 @@ impl S3Ctx {
         if let Err(e) = r {
             tracing::warn!(error = %e, "an unfinished multipart upload could not be aborted");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferrovol_s3::md5;
+
+    #[test]
+    fn an_unreadable_completion_is_taken_only_from_the_object_it_made() {
+        let parts = vec![format!("\"{}\"", md5::hex_digest(b"part one")), format!("\"{}\"", md5::hex_digest(b"two"))];
+        let mut joined = md5::digest(b"part one").to_vec();
+        joined.extend_from_slice(&md5::digest(b"two"));
+        let made = format!("\"{}-2\"", md5::hex_digest(&joined));
+        assert!(completed_object_matches(Some(&made), &parts), "the object completed from these parts");
+        // An older object of the same size (a PutObject: a plain MD5, or another upload's).
+        let older = format!("\"{}\"", md5::hex_digest(b"part onetwo"));
+        assert!(!completed_object_matches(Some(&older), &parts), "an older object is not the completed one");
+        assert!(!completed_object_matches(Some(&format!("\"{}-2\"", md5::hex_digest(b"x"))), &parts));
+        assert!(!completed_object_matches(None, &parts), "no object");
+        assert!(!completed_object_matches(Some(&made), &["not-an-md5".to_owned()]), "unknown part ETags");
+        // Only a 200 without an error code is asked about (moto's unreadable success); a 200
+        // carrying <Error><Code>InternalError</Code> is a failure.
+        assert!(unreadable_success(200, None));
+        assert!(!unreadable_success(200, Some("InternalError")));
+    }
+
+    #[test]
+    fn copies_are_bounded_longer_than_other_calls() {
+        let client = aws_sdk_s3::Client::from_conf(
+            aws_sdk_s3::Config::builder().behavior_version(aws_sdk_s3::config::BehaviorVersion::latest()).build(),
+        );
+        let ctx = S3Ctx::new(client, "b", Duration::from_secs(10));
+        assert_eq!(ctx.copy_timeouts.attempt, COPY_ATTEMPT);
+        assert!(ctx.copy_timeouts.operation >= COPY_ATTEMPT, "{:?}", ctx.copy_timeouts);
+        assert_eq!(
+            ctx.copy_timeouts.connect,
+            Timeouts::within(ctx.bound).connect,
+            "an unreachable server still fails fast"
+        );
     }
 }

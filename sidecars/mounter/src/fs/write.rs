@@ -1,16 +1,20 @@
 //! Writes that stream: a new (or truncated) file's bytes are buffered up to the part size,
 //! each full part is uploaded as a multipart-upload part while writing goes on (at most
-//! `MAX_PARTS_IN_FLIGHT` at a time, so a writer holds at most that many parts plus one),
-//! and the object is committed when the file is flushed or released: a small file with one
-//! PutObject, a large one by completing the upload. Writes must be sequential.
+//! `MAX_PARTS_IN_FLIGHT` at a time, so a writer holds at most that many parts plus one,
+//! every byte of it taken from the process-wide [`Budget`]), and the object is committed
+//! when the file is closed: a small file with one PutObject, a large one by completing the
+//! upload (with `If-None-Match: *` when the file was created with `O_EXCL`). Writes must be
+//! sequential. A failed commit is remembered: every later close of the file reports it.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 
 use aws_sdk_s3::types::CompletedPart;
 use bytes::{Bytes, BytesMut};
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::task::JoinHandle;
 
+use super::budget::Budget;
 use super::s3::S3Ctx;
 use super::FsError;
 
@@ -18,10 +22,19 @@ use super::FsError;
 pub const MAX_PARTS_IN_FLIGHT: usize = 2;
 
 /// What a writer has become.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
-    /// Committed with this many bytes.
-    Committed(u64),
+    /// Committed with this many bytes, and the object's ETag when the server said it.
+    Committed(u64, Option<String>),
+}
+
+/// Where a writer is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Phase {
+    Open,
+    Committed(Option<String>),
+    /// The commit failed (or the writer was discarded): nothing was stored.
+    Failed(FsError),
 }
 
 /// The write side of one open file.
@@ -29,7 +42,12 @@ pub enum Outcome {
 pub struct Writer {
     key: String,
     part_size: usize,
+    /// Commit only if no object is there (`O_EXCL`).
+    exclusive: bool,
+    budget: Budget,
     buf: BytesMut,
+    /// The budget the buffered bytes hold.
+    held: Option<OwnedSemaphorePermit>,
     written: u64,
     upload_id: Option<String>,
     next_part: i32,
@@ -37,22 +55,25 @@ pub struct Writer {
     in_flight: VecDeque<JoinHandle<Result<CompletedPart, FsError>>>,
     /// The first failure: every later write and the commit return it.
     failed: Option<FsError>,
-    committed: bool,
+    phase: Phase,
 }
 
 impl Writer {
-    pub fn new(key: String, part_size: usize) -> Self {
+    pub fn new(key: String, part_size: usize, exclusive: bool, budget: Budget) -> Self {
         Writer {
             key,
             part_size: part_size.max(5 << 20),
+            exclusive,
+            budget,
             buf: BytesMut::new(),
+            held: None,
             written: 0,
             upload_id: None,
             next_part: 1,
             done: Vec::new(),
             in_flight: VecDeque::new(),
             failed: None,
-            committed: false,
+            phase: Phase::Open,
         }
     }
 
@@ -60,8 +81,28 @@ impl Writer {
         self.written
     }
 
+    /// Whether the commit was tried (it worked or it failed).
     pub fn is_committed(&self) -> bool {
-        self.committed
+        self.phase != Phase::Open
+    }
+
+    /// The result of the commit once it was tried: every later close answers it again.
+    pub fn outcome(&self) -> Option<Result<Outcome, FsError>> {
+        match &self.phase {
+            Phase::Open => None,
+            Phase::Committed(etag) => Some(Ok(Outcome::Committed(self.written, etag.clone()))),
+            Phase::Failed(e) => Some(Err(e.clone())),
+        }
+    }
+
+    /// Whether a write failed (the commit will abort and report it).
+    pub fn has_failed(&self) -> bool {
+        self.failed.is_some()
+    }
+
+    /// The upload under way, if a part was sent: tests.
+    pub fn upload_id(&self) -> Option<&str> {
+        self.upload_id.as_deref()
     }
 
     /// Marks the writer failed (a refused write): its commit aborts the upload.
@@ -76,8 +117,12 @@ impl Writer {
         if let Some(e) = &self.failed {
             return Err(e.clone());
         }
-        if self.committed {
-            return Err(FsError::new(libc::EINVAL, format!("{} was already committed (closed)", self.key)));
+        match &self.phase {
+            Phase::Open => {}
+            Phase::Failed(e) => return Err(e.clone()),
+            Phase::Committed(_) => {
+                return Err(FsError::new(libc::EINVAL, format!("{} was already committed (closed)", self.key)))
+            }
         }
         if offset != self.written {
             return Err(FsError::new(
@@ -91,13 +136,26 @@ impl Writer {
         Ok(())
     }
 
-    /// Takes `data` (after [`Writer::check`]); uploads every full part.
+    /// Takes `data` (after [`Writer::check`]); uploads every full part. The bytes are taken
+    /// from the budget first (waiting at most the mount's bound).
     pub async fn write(&mut self, ctx: &Arc<S3Ctx>, data: &[u8]) -> Result<(), FsError> {
+        let permit = match self.budget.take(data.len() as u64, ctx.bound).await {
+            Ok(p) => p,
+            Err(e) => {
+                self.fail(e.clone());
+                return Err(e);
+            }
+        };
+        match &mut self.held {
+            Some(h) => h.merge(permit),
+            None => self.held = Some(permit),
+        }
         self.buf.extend_from_slice(data);
         self.written += data.len() as u64;
         while self.buf.len() >= self.part_size {
             let part = self.buf.split_to(self.part_size).freeze();
-            if let Err(e) = self.send_part(ctx, part).await {
+            let permit = self.held.as_mut().and_then(|h| h.split(part.len()));
+            if let Err(e) = self.send_part(ctx, part, permit).await {
                 self.fail(e.clone());
                 return Err(e);
             }
@@ -105,7 +163,12 @@ impl Writer {
         Ok(())
     }
 
-    async fn send_part(&mut self, ctx: &Arc<S3Ctx>, part: Bytes) -> Result<(), FsError> {
+    async fn send_part(
+        &mut self,
+        ctx: &Arc<S3Ctx>,
+        part: Bytes,
+        permit: Option<OwnedSemaphorePermit>,
+    ) -> Result<(), FsError> {
         let id = match &self.upload_id {
             Some(id) => id.clone(),
             None => {
@@ -119,7 +182,11 @@ impl Writer {
         }
         let (ctx, key, n) = (ctx.clone(), self.key.clone(), self.next_part);
         self.next_part += 1;
-        self.in_flight.push_back(tokio::spawn(async move { ctx.upload_part(&key, &id, n, part).await }));
+        self.in_flight.push_back(tokio::spawn(async move {
+            let r = ctx.upload_part(&key, &id, n, part).await;
+            drop(permit);
+            r
+        }));
         Ok(())
     }
 
@@ -135,58 +202,73 @@ impl Writer {
 
     /// Drops everything written so far (truncation to 0 of a file being written).
     pub async fn reset(&mut self, ctx: &S3Ctx) {
-        self.discard(ctx).await;
-        *self = Writer::new(std::mem::take(&mut self.key), self.part_size);
+        self.abort(ctx).await;
+        *self = Writer::new(std::mem::take(&mut self.key), self.part_size, self.exclusive, self.budget.clone());
     }
 
-    async fn discard(&mut self, ctx: &S3Ctx) {
+    async fn abort(&mut self, ctx: &S3Ctx) {
         for h in self.in_flight.drain(..) {
             h.abort();
         }
         if let Some(id) = self.upload_id.take() {
             ctx.abort_upload(&self.key, &id).await;
         }
-        self.buf.clear();
+        self.buf = BytesMut::new();
+        self.held = None;
+    }
+
+    /// Gives the writer up without committing anything (unmount): its upload is aborted,
+    /// and a later close reports `why`.
+    pub async fn discard(&mut self, ctx: &S3Ctx, why: FsError) {
+        if self.phase == Phase::Open {
+            self.abort(ctx).await;
+            self.phase = Phase::Failed(why);
+        }
     }
 
     /// Commits the object: afterwards it is visible to everyone. A failed writer (or a
     /// failed commit) aborts its upload and returns the failure; nothing is then visible.
+    /// Once tried, every later call answers the same.
     pub async fn commit(&mut self, ctx: &Arc<S3Ctx>) -> Result<Outcome, FsError> {
-        if self.committed {
-            return Ok(Outcome::Committed(self.written));
+        if let Some(r) = self.outcome() {
+            return r;
         }
-        if let Some(e) = self.failed.clone() {
-            self.discard(ctx).await;
-            self.committed = true;
-            return Err(e);
-        }
-        let r = self.finish(ctx).await;
-        self.committed = true;
+        let r = match self.failed.clone() {
+            Some(e) => Err(e),
+            None => self.finish(ctx).await,
+        };
         match r {
-            Ok(()) => Ok(Outcome::Committed(self.written)),
+            Ok(etag) => {
+                self.phase = Phase::Committed(etag);
+            }
             Err(e) => {
-                self.failed = Some(e.clone());
-                self.discard(ctx).await;
-                Err(e)
+                self.failed.get_or_insert(e.clone());
+                self.abort(ctx).await;
+                self.phase = Phase::Failed(e);
             }
         }
+        self.held = None;
+        self.outcome().unwrap_or_else(|| Err(FsError::new(libc::EIO, "a commit left no outcome")))
     }
 
-    async fn finish(&mut self, ctx: &Arc<S3Ctx>) -> Result<(), FsError> {
+    async fn finish(&mut self, ctx: &Arc<S3Ctx>) -> Result<Option<String>, FsError> {
         let rest = self.buf.split().freeze();
+        let permit = self.held.take();
         let Some(id) = self.upload_id.clone() else {
-            return ctx.put(&self.key, rest).await;
+            let r = ctx.put(&self.key, rest, self.exclusive).await;
+            drop(permit);
+            return r;
         };
         if !rest.is_empty() {
-            self.send_part(ctx, rest).await?;
+            self.send_part(ctx, rest, permit).await?;
         }
         while !self.in_flight.is_empty() {
             self.wait_oldest().await?;
         }
         let mut parts = std::mem::take(&mut self.done);
         parts.sort_by_key(|p| p.part_number());
-        ctx.complete_upload(&self.key, &id, parts, self.written).await?;
+        let etag = ctx.complete_upload(&self.key, &id, parts, self.exclusive).await?;
         self.upload_id = None;
-        Ok(())
+        Ok(etag)
     }
 }
