@@ -36,8 +36,27 @@ const BRIDGE: &str = "br0";
 /// The subnet's prefix length.
 const PREFIX_LEN: u8 = 24;
 
-/// `ip netns add` races with itself when /run/netns is first set up; one at a time per process.
-static NETNS_SETUP: Mutex<()> = Mutex::new(());
+/// `ip netns add` races with itself when /run/netns is first set up; one at a time per
+/// process. The lock also guards the count of live [`Net`]s and whether /run/netns was a
+/// mount point before this process first made a namespace.
+static NETNS_SETUP: Mutex<Setup> = Mutex::new(Setup { live: 0, was_mounted: None });
+
+/// What this process knows of /run/netns.
+#[derive(Debug)]
+struct Setup {
+    /// [`Net`]s that exist now.
+    live: usize,
+    /// Whether /run/netns was a mount point before this process's first `ip netns add`,
+    /// which makes it one (a shared bind mount of itself) and never takes it away.
+    was_mounted: Option<bool>,
+}
+
+fn netns_dir_is_mounted() -> bool {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some(NETNS_DIR))
+}
 
 /// One cluster's namespaces and links. Dropping it deletes every namespace it made (also
 /// while unwinding from a panic); the veth pairs go with them.
@@ -69,7 +88,9 @@ impl Net {
 
     fn build(&mut self) {
         {
-            let _one = NETNS_SETUP.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut setup = NETNS_SETUP.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            setup.was_mounted.get_or_insert_with(netns_dir_is_mounted);
+            setup.live += 1;
             for ns in std::iter::once(self.controller.clone()).chain(self.nodes.clone()) {
                 ip(&["netns", "add", &ns]);
                 self.made.push(ns);
@@ -205,12 +226,22 @@ impl Net {
 
 impl Drop for Net {
     fn drop(&mut self) {
+        let mut setup = NETNS_SETUP.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         for ns in self.made.drain(..).rev() {
             let status = Command::new("ip").args(["netns", "del", &ns]).stderr(Stdio::piped()).output();
             match status {
                 Ok(out) if out.status.success() => {}
                 Ok(out) => eprintln!("ip netns del {ns}: {}", String::from_utf8_lossy(&out.stderr).trim()),
                 Err(err) => eprintln!("ip netns del {ns}: {err}"),
+            }
+        }
+        setup.live = setup.live.saturating_sub(1);
+        // The last cluster of this process takes away the /run/netns mount that its first
+        // `ip netns add` made, once no namespace (of anyone) is left in it.
+        let empty = std::fs::read_dir(NETNS_DIR).map(|mut d| d.next().is_none()).unwrap_or(false);
+        if setup.live == 0 && setup.was_mounted == Some(false) && empty && netns_dir_is_mounted() {
+            if let Err(err) = nix::mount::umount2(NETNS_DIR, nix::mount::MntFlags::MNT_DETACH) {
+                eprintln!("unmount {NETNS_DIR}: {err}");
             }
         }
     }
