@@ -30,7 +30,7 @@ use ferrovol_mounter::fs::FsConfig;
 use ferrovol_mounter::wire::MountSpec;
 use ferrovol_s3::record::{S3VolumeRecord, VolumeState};
 use ferrovol_s3::testing::{S3Server, Server};
-use ferrovol_s3::{build_client, Timeouts};
+use ferrovol_s3::{build_client, client, Timeouts};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde::Serialize;
@@ -133,6 +133,18 @@ pub struct Report {
     pub ls: TimeReport,
     pub small: TimeReport,
     pub memory: MemoryReport,
+    pub metrics: MetricsReport,
+}
+
+/// The cost of counting S3 calls (ferrovol_s3::metrics): the same HeadObject on a client
+/// with the metrics interceptor and on one without, microseconds per call.
+#[derive(Debug, Serialize)]
+pub struct MetricsReport {
+    pub calls: usize,
+    pub metered_us: Summary,
+    pub unmetered_us: Summary,
+    /// Median metered over median unmetered (a time: 1.00 is free).
+    pub ratio: f64,
 }
 
 /// MiB/s per rep.
@@ -217,15 +229,15 @@ pub async fn run(cfg: &Config, big_reps: usize, small_reps: usize) -> Result<Rep
     let env_refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let server = S3Server::start_with_env(Server::Garage, &env_refs);
     let server = ServerGuard::new(server);
-    let raw = build_client(
-        &server.0.endpoint,
-        Timeouts {
-            connect: Duration::from_secs(3),
-            attempt: Duration::from_secs(300),
-            operation: Duration::from_secs(300),
-            attempts: 1,
-        },
-    );
+    let bounds = Timeouts {
+        connect: Duration::from_secs(3),
+        attempt: Duration::from_secs(300),
+        operation: Duration::from_secs(300),
+        attempts: 1,
+    };
+    // The raw baseline: the SDK as we configure it, without our metrics interceptor.
+    let raw = Client::from_conf(client::config(&server.0.endpoint, bounds).build());
+    let metered = build_client(&server.0.endpoint, bounds);
     let bucket = server.0.bucket.clone();
     let local = "pvc-bench";
     let prefix = format!("ferrovol/volumes/{local}/fs/");
@@ -254,6 +266,9 @@ pub async fn run(cfg: &Config, big_reps: usize, small_reps: usize) -> Result<Rep
         Ok(_) => (false, "LD_PRELOAD shim built but it never set TCP_NODELAY (garage did not load it?)".into()),
         Err(e) => (false, format!("no shim ({e}): small requests pay Nagle's ~40 ms stalls")),
     };
+
+    progress(&format!("s3: {METRICS_CALLS} HeadObject calls with and without the metrics interceptor"))?;
+    let metrics = metrics_cost(&s3, &metered, &format!("{prefix}probe")).await?;
 
     let defaults = FsConfig::new("", "", "", Duration::from_secs(MOUNT_TIMEOUT_S));
     let part = defaults.part_size;
@@ -423,6 +438,37 @@ pub async fn run(cfg: &Config, big_reps: usize, small_reps: usize) -> Result<Rep
             read_peak_mib: Summary::of(&r_hwm),
             goal_mib: GOAL_RSS_MIB,
         },
+        metrics,
+    })
+}
+
+/// Calls per side of the metrics cost measurement, in alternating blocks of 100.
+const METRICS_CALLS: usize = 2000;
+
+/// HeadObject of `key`, one call at a time, alternately on the raw client and on `metered`.
+async fn metrics_cost(s3: &Raw, metered: &Client, key: &str) -> Result<MetricsReport> {
+    let (mut with, mut without) = (Vec::new(), Vec::new());
+    for block in 0..METRICS_CALLS / 100 {
+        for side in 0..2 {
+            let (client, out) = if (block + side) % 2 == 0 { (metered, &mut with) } else { (&s3.client, &mut without) };
+            for _ in 0..100 {
+                let t = Instant::now();
+                client
+                    .head_object()
+                    .bucket(&s3.bucket)
+                    .key(key)
+                    .send()
+                    .await
+                    .map_err(|e| s3_error(format!("HeadObject {key}"), e))?;
+                out.push(t.elapsed().as_secs_f64() * 1e6);
+            }
+        }
+    }
+    Ok(MetricsReport {
+        calls: METRICS_CALLS,
+        ratio: ratio(Summary::of(&with).median, Summary::of(&without).median),
+        metered_us: Summary::of(&with),
+        unmetered_us: Summary::of(&without),
     })
 }
 
@@ -1092,5 +1138,14 @@ pub fn print(r: &Report, out: &mut String) -> std::fmt::Result {
         m.read_peak_mib.show(1),
         m.goal_mib,
         crate::report::verdict(peak < m.goal_mib)
+    )?;
+    let c = &r.metrics;
+    writeln!(
+        out,
+        "   S3 call metrics: HeadObject x{} per side   metered {} us   unmetered {} us   ratio {:.3} (time)",
+        c.calls,
+        c.metered_us.show(0),
+        c.unmetered_us.show(0),
+        c.ratio
     )
 }

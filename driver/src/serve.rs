@@ -193,7 +193,8 @@ where
     F: std::future::Future<Output = ()> + Send + 'static,
 {
     let Some(addr) = cfg.metrics_listen else { return Ok(None) };
-    crate::metrics::start(addr, metrics, Arc::clone(ready), stopped)
+    let source = crate::metrics::DriverSource { metrics, ready: Arc::clone(ready) };
+    ferrovol_metrics::http::start(addr, Arc::new(source), stopped)
         .await
         .map(Some)
         .map_err(|source| StartError::Metrics { addr, source })

@@ -4,11 +4,13 @@
 //! Needs root (the driver attaches loop devices), so it runs with `--features kernel-tests`.
 #![cfg(feature = "kernel-tests")]
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
+
+use ferrovol_metrics::sample;
+use ferrovol_metrics::testing::{free_local_addr, http_get, Reply};
 
 /// Overrides which binary runs, as in the e2e crate.
 const BINARY_ENV: &str = "FERROVOL_BIN";
@@ -56,36 +58,6 @@ impl Drop for Running {
     }
 }
 
-fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
-    l.local_addr().expect("local address").port()
-}
-
-/// An HTTP answer.
-#[derive(Debug)]
-struct Reply {
-    status: u16,
-    content_type: Option<String>,
-    body: String,
-}
-
-/// One HTTP/1.0 GET.
-fn http_get(addr: SocketAddr, path: &str, accept: &str) -> std::io::Result<Reply> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-    s.set_read_timeout(Some(Duration::from_secs(20)))?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\nAccept: {accept}\r\nConnection: close\r\n\r\n")?;
-    let mut raw = String::new();
-    s.read_to_string(&mut raw)?;
-    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
-    let mut lines = head.lines();
-    let status = lines.next().and_then(|l| l.split(' ').nth(1)).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let content_type = lines
-        .filter_map(|l| l.split_once(':'))
-        .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-type"))
-        .map(|(_, v)| v.trim().to_owned());
-    Ok(Reply { status, content_type, body: body.to_owned() })
-}
-
 /// Runs a client subcommand of the binary against `endpoint`; panics with its output on failure.
 fn client(endpoint: &str, args: &[&str], driver: &Running) -> String {
     let out: Output = Command::new(binary())
@@ -102,11 +74,6 @@ fn client(endpoint: &str, args: &[&str], driver: &Running) -> String {
         driver.log()
     );
     stdout
-}
-
-/// The value of the sample `series` (name and labels as encoded) in an exposition.
-fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.split(' ').next()?.parse().ok())
 }
 
 fn start(dir: &Path, metrics: SocketAddr, endpoint: &str) -> Running {
@@ -136,7 +103,7 @@ fn metrics_endpoint_counts_csi_calls_and_reports_loop_capacity() {
         "the kernel tests need root (the driver uses loop devices); run them as root or without --features kernel-tests"
     );
     let tmp = tempfile::tempdir().expect("a temp dir");
-    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let addr = free_local_addr();
     let endpoint = format!("unix://{}", tmp.path().join("csi.sock").display());
     // Declared after `tmp`, so dropped (the process stopped) before the dir is removed.
     let mut driver = start(tmp.path(), addr, &endpoint);

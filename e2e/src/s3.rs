@@ -4,6 +4,7 @@
 //! answers), then the mounter, then the server.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -34,13 +35,16 @@ pub struct Mounter {
     child: Option<Child>,
     dir: TempDir,
     pub log_level: String,
+    /// Where it serves /metrics and /healthz (the same port across restarts).
+    pub metrics: SocketAddr,
 }
 
 impl Mounter {
     /// Starts a mounter on a socket of its own and waits until it listens.
     pub fn start(log_level: &str) -> Mounter {
         let dir = tempfile::Builder::new().prefix("fv-mounter-").tempdir().expect("mounter dir");
-        let mut m = Mounter { child: None, dir, log_level: log_level.to_owned() };
+        let metrics = ferrovol_metrics::testing::free_local_addr();
+        let mut m = Mounter { child: None, dir, log_level: log_level.to_owned(), metrics };
         m.spawn();
         m
     }
@@ -64,6 +68,7 @@ impl Mounter {
             .arg("--socket")
             .arg(self.socket())
             .args(["--log-level", &self.log_level])
+            .args(["--metrics-listen", &self.metrics.to_string()])
             .env_remove("AWS_CA_BUNDLE")
             .env("AWS_EC2_METADATA_DISABLED", "true")
             .stdin(Stdio::null())
@@ -149,6 +154,8 @@ pub struct S3Stack {
     pub driver: Driver,
     pub mounter: Mounter,
     pub server: S3Server,
+    /// Where the driver serves /metrics and /healthz.
+    pub driver_metrics: SocketAddr,
 }
 
 impl S3Stack {
@@ -167,10 +174,16 @@ impl S3Stack {
         }
         let mounter = Mounter::start(log_level.unwrap_or("info"));
         let mut family = Family::loop_family();
-        family.driver_args.extend(["--mounter-socket".to_owned(), mounter.socket().display().to_string()]);
+        let driver_metrics = ferrovol_metrics::testing::free_local_addr();
+        family.driver_args.extend([
+            "--mounter-socket".to_owned(),
+            mounter.socket().display().to_string(),
+            "--metrics-listen".to_owned(),
+            driver_metrics.to_string(),
+        ]);
         let options = DriverOptions { log_level: log_level.map(str::to_owned), ..DriverOptions::default() };
         let driver = Driver::start_in(Sandbox::new(), &family, options).await;
-        S3Stack { driver, mounter, server }
+        S3Stack { driver, mounter, server, driver_metrics }
     }
 
     /// The secrets every S3 request carries.

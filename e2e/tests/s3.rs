@@ -685,3 +685,81 @@ async fn secrets_never_reach_a_log() {
     assert!(!mounter_log.contains(&secret), "the secret key is in the mounter's log");
     stack.driver.assert_no_leaks();
 }
+
+/// Scrapes `addr`'s /metrics in the Prometheus text format.
+fn scrape(addr: std::net::SocketAddr, who: &str) -> String {
+    let reply = ferrovol_metrics::testing::http_get(addr, "/metrics", "*/*")
+        .unwrap_or_else(|e| panic!("GET /metrics of the {who} at {addr}: {e}"));
+    assert_eq!(reply.status, 200, "GET /metrics of the {who}: {}", reply.body);
+    reply.body
+}
+
+/// The sum of every sample of `name` whose labels contain all of `labels`.
+fn total(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) && labels.iter().all(|x| l.contains(x)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_mounter_and_the_driver_serve_metrics_of_their_s3_calls() {
+    let stack = S3Stack::start(None).await;
+    let health = ferrovol_metrics::testing::http_get(stack.mounter.metrics, "/healthz", "*/*").unwrap();
+    assert_eq!((health.status, health.body.as_str()), (200, "ok\n"), "the mounter's /healthz");
+    let before = scrape(stack.mounter.metrics, "mounter");
+    assert_eq!(ferrovol_metrics::sample(&before, "ferrovol_mounter_mounts"), Some(0.0), "{before}");
+
+    let vol = create(&stack, create_req(&stack, &unique_name("pvc", "metrics"), 64 * MIB, false)).await;
+    let bucket = vol.volume_id.split(':').nth(1).unwrap().to_owned();
+    let (staging, target) = (stack.driver.staging_dir("met-st"), stack.driver.target_path("met-tg"));
+    stage(&stack, &vol.volume_id, &staging, mount_cap(Mode::MultiNodeMultiWriter, &[])).await;
+    publish(&stack, &vol.volume_id, &staging, &target, false).await;
+
+    let payload = data::pattern(41, 3 * MIB as usize + 17);
+    std::fs::write(target.join("big.bin"), &payload).unwrap();
+    assert_eq!(std::fs::read(target.join("big.bin")).unwrap(), payload, "read back");
+    assert!(std::fs::metadata(target.join("not-there")).is_err(), "a missing file");
+
+    let text = scrape(stack.mounter.metrics, "mounter");
+    let n = payload.len() as f64;
+    assert_eq!(ferrovol_metrics::sample(&text, "ferrovol_mounter_mounts"), Some(1.0), "{text}");
+    assert!(
+        ferrovol_metrics::sample(&text, r#"ferrovol_mounter_fs_bytes_total{direction="written"}"#) >= Some(n),
+        "{text}"
+    );
+    assert!(
+        ferrovol_metrics::sample(&text, r#"ferrovol_mounter_fs_bytes_total{direction="read"}"#) >= Some(n),
+        "{text}"
+    );
+    assert!(total(&text, "ferrovol_mounter_fs_errors_total", &[r#"errno="ENOENT""#]) >= 1.0, "{text}");
+    // The file's bytes went up and came back through S3 calls, counted with their outcome.
+    assert!(total(&text, "ferrovol_s3_body_bytes_total", &[r#"direction="sent""#]) >= n, "{text}");
+    assert!(
+        total(&text, "ferrovol_s3_body_bytes_total", &[r#"op="GetObject""#, r#"direction="received""#]) >= n,
+        "{text}"
+    );
+    assert!(total(&text, "ferrovol_s3_requests_total", &[r#"op="GetObject""#, r#"outcome="20"#]) >= 1.0, "{text}");
+    assert!(total(&text, "ferrovol_s3_request_duration_seconds_count", &[]) >= 3.0, "{text}");
+    assert!(!text.contains(&bucket) && !text.contains("big.bin"), "no bucket or file in a label:\n{text}");
+
+    // The driver counts the controller's S3 calls (it made the bucket) next to its RPCs.
+    let driver = scrape(stack.driver_metrics, "driver");
+    assert!(
+        total(&driver, "ferrovol_s3_requests_total", &[r#"op="CreateBucket""#, r#"outcome="200""#]) >= 1.0,
+        "{driver}"
+    );
+    assert!(!driver.contains(&bucket), "no bucket in a label:\n{driver}");
+
+    unpublish(&stack, &vol.volume_id, &target).await;
+    unstage(&stack, &vol.volume_id, &staging).await;
+    let after = scrape(stack.mounter.metrics, "mounter");
+    assert_eq!(ferrovol_metrics::sample(&after, "ferrovol_mounter_mounts"), Some(0.0), "{after}");
+    assert_eq!(
+        ferrovol_metrics::sample(&after, r#"ferrovol_mounter_buffer_bytes{kind="taken"}"#),
+        Some(0.0),
+        "{after}"
+    );
+    delete(&stack, &vol.volume_id).await;
+    stack.driver.assert_no_leaks();
+}

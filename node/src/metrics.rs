@@ -16,10 +16,12 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::{Registry, Unit};
+
+pub use ferrovol_metrics::Format;
 
 use crate::ledger::SpaceLedger;
 use crate::lvm::groups::VolumeGroups;
@@ -65,11 +67,6 @@ struct MethodCode {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct MethodOnly {
     method: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct Version {
-    version: String,
 }
 
 fn rpc_histogram() -> Histogram {
@@ -158,33 +155,6 @@ impl Drop for RpcTimer {
     }
 }
 
-/// The exposition formats `/metrics` can answer in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Format {
-    /// OpenMetrics 1.0 text, which Prometheus asks for.
-    OpenMetrics,
-    /// The classic Prometheus text format 0.0.4, for anything that does not ask for OpenMetrics.
-    Prometheus,
-}
-
-impl Format {
-    /// The Content-Type of an answer in this format.
-    pub fn content_type(self) -> &'static str {
-        match self {
-            Format::OpenMetrics => "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            Format::Prometheus => prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
-        }
-    }
-
-    /// The format an HTTP `Accept` header asks for: OpenMetrics when it names it.
-    pub fn negotiate(accept: Option<&str>) -> Format {
-        match accept {
-            Some(a) if a.contains("application/openmetrics-text") => Format::OpenMetrics,
-            _ => Format::Prometheus,
-        }
-    }
-}
-
 /// The registry one process serves: build info, the RPC metrics, and the collectors of the
 /// roles it runs.
 #[derive(Debug)]
@@ -193,13 +163,13 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// A registry with `ferrovol_build_info` and the process's RPC metrics.
+    /// A registry with `ferrovol_build_info`, the process's RPC metrics and its S3 calls
+    /// (the controller's bucket work).
     pub fn new(version: &str) -> Self {
         let mut registry = Registry::default();
-        let info: Family<Version, Gauge> = Family::default();
-        info.get_or_create(&Version { version: version.to_owned() }).set(1);
-        registry.register("ferrovol_build_info", "Always 1; its label is the version of ferrovol running", info);
+        ferrovol_metrics::register_build_info(&mut registry, version);
         rpc().register(&mut registry);
+        ferrovol_s3::metrics::s3().register(&mut registry);
         Metrics { registry }
     }
 
@@ -223,12 +193,7 @@ impl Metrics {
     /// Encodes every metric. The collectors read the data dir and may run `lvm fullreport`
     /// (at most once per report TTL): call this on a blocking thread, not an async worker.
     pub fn encode(&self, format: Format) -> Result<String, fmt::Error> {
-        let mut out = String::with_capacity(8 * 1024);
-        match format {
-            Format::OpenMetrics => prometheus_client::encoding::text::encode(&mut out, &self.registry)?,
-            Format::Prometheus => prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry)?,
-        }
-        Ok(out)
+        ferrovol_metrics::encode(&self.registry, format)
     }
 }
 
@@ -369,9 +334,7 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     /// The value of the sample `series` (name and labels exactly as encoded) in `text`.
-    fn sample(text: &str, series: &str) -> Option<f64> {
-        text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.split(' ').next()?.parse().ok())
-    }
+    use ferrovol_metrics::sample;
 
     #[test]
     fn code_names_are_the_grpc_spec_names() {
@@ -444,19 +407,9 @@ mod tests {
     }
 
     #[test]
-    fn build_info_and_both_formats() {
-        let m = Metrics::new("1.2.3");
-        let om = m.encode(Format::OpenMetrics).unwrap();
+    fn the_registry_carries_build_info() {
+        let om = Metrics::new("1.2.3").encode(Format::OpenMetrics).unwrap();
         assert_eq!(sample(&om, r#"ferrovol_build_info{version="1.2.3"}"#), Some(1.0), "{om}");
-        assert!(om.ends_with("# EOF\n"), "{om}");
-        let prom = m.encode(Format::Prometheus).unwrap();
-        assert_eq!(sample(&prom, r#"ferrovol_build_info{version="1.2.3"}"#), Some(1.0), "{prom}");
-        assert!(!prom.contains("# EOF"), "{prom}");
-        assert_eq!(Format::negotiate(None), Format::Prometheus);
-        assert_eq!(Format::negotiate(Some("*/*")), Format::Prometheus);
-        let prometheus_accept = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
-        assert_eq!(Format::negotiate(Some(prometheus_accept)), Format::OpenMetrics);
-        assert!(Format::OpenMetrics.content_type().starts_with("application/openmetrics-text; version=1.0.0"));
     }
 
     #[test]

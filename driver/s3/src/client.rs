@@ -87,10 +87,11 @@ fn https_client() -> aws_smithy_runtime_api::client::http::SharedHttpClient {
         .clone()
 }
 
-/// An S3 client for `ep`.
-pub fn build_client(ep: &S3Endpoint, t: Timeouts) -> aws_sdk_s3::Client {
+/// The configuration of a client for `ep`, without the metrics interceptor: what
+/// [`build_client`] builds on, and the benchmarks' raw baseline.
+pub fn config(ep: &S3Endpoint, t: Timeouts) -> aws_sdk_s3::config::Builder {
     let creds = Credentials::new(&ep.access_key_id, &ep.secret_access_key, None, None, "ferrovol-csi-secret");
-    let conf = aws_sdk_s3::Config::builder()
+    aws_sdk_s3::Config::builder()
         .behavior_version(BehaviorVersion::latest())
         .http_client(https_client())
         .region(Region::new(ep.region.clone()))
@@ -103,8 +104,11 @@ pub fn build_client(ep: &S3Endpoint, t: Timeouts) -> aws_sdk_s3::Client {
         // servers differ in what they accept, and multipart parts are checked by ETag.
         .request_checksum_calculation(aws_sdk_s3::config::RequestChecksumCalculation::WhenRequired)
         .response_checksum_validation(aws_sdk_s3::config::ResponseChecksumValidation::WhenRequired)
-        .build();
-    aws_sdk_s3::Client::from_conf(conf)
+}
+
+/// An S3 client for `ep`, every call of which is counted in [`crate::metrics::s3()`].
+pub fn build_client(ep: &S3Endpoint, t: Timeouts) -> aws_sdk_s3::Client {
+    aws_sdk_s3::Client::from_conf(config(ep, t).interceptor(crate::metrics::Metered).build())
 }
 
 #[cfg(test)]

@@ -51,7 +51,8 @@ fn to_attr(a: &Attr) -> FileAttr {
     }
 }
 
-fn errno(op: &str, e: &FsError) -> Errno {
+fn errno(op: &'static str, e: &FsError) -> Errno {
+    crate::metrics::fs().error(op, e.errno);
     match e.errno {
         libc::ENOENT | libc::EEXIST | libc::ENOTEMPTY | libc::EROFS => {
             tracing::debug!(op, error = %e, "refused");
@@ -232,7 +233,10 @@ impl Filesystem for FuseFs {
     ) {
         self.spawn(|fs| async move {
             match fs.read(fh.0, offset, size).await {
-                Ok(b) => reply.data(&b),
+                Ok(b) => {
+                    crate::metrics::fs().read(b.len());
+                    reply.data(&b);
+                }
                 Err(e) => reply.error(errno("read", &e)),
             }
         });
@@ -253,7 +257,10 @@ impl Filesystem for FuseFs {
         let data = data.to_vec();
         self.spawn(|fs| async move {
             match fs.write(fh.0, offset, &data).await {
-                Ok(n) => reply.written(n),
+                Ok(n) => {
+                    crate::metrics::fs().written(n);
+                    reply.written(n);
+                }
                 Err(e) => reply.error(errno("write", &e)),
             }
         });

@@ -2,6 +2,7 @@
 pub mod client;
 pub mod fs;
 pub mod fuse;
+pub mod metrics;
 pub mod mountinfo;
 pub mod server;
 pub mod wire;

@@ -26,6 +26,10 @@ struct Args {
     /// The memory, MiB, that read-ahead and write buffers of all mounts together may hold.
     #[arg(long, default_value_t = (ferrovol_mounter::fs::budget::DEFAULT_BYTES >> 20) as u64)]
     buffer_budget_mib: u64,
+    /// Where to serve Prometheus metrics (/metrics) and a health check (/healthz) over
+    /// plain HTTP, e.g. 0.0.0.0:9809. Off when not given.
+    #[arg(long)]
+    metrics_listen: Option<std::net::SocketAddr>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -58,7 +62,7 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    match rt.block_on(ferrovol_mounter::server::serve(args.socket.clone())) {
+    match rt.block_on(ferrovol_mounter::server::serve(args.socket.clone(), args.metrics_listen)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(socket = %args.socket.display(), error = %e, "the mounter stopped");

@@ -5,6 +5,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::io;
+use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -75,13 +76,29 @@ async fn bind(socket: &Path) -> io::Result<UnixListener> {
     Ok(l)
 }
 
-/// Serves `socket` until SIGTERM or SIGINT, then unmounts everything.
-pub async fn serve(socket: PathBuf) -> io::Result<()> {
+/// Serves `socket` until SIGTERM or SIGINT, then unmounts everything. With `metrics`,
+/// also serves `/metrics` and `/healthz` on that address over plain HTTP.
+pub async fn serve(socket: PathBuf, metrics: Option<SocketAddr>) -> io::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let listener = bind(&socket).await?;
     let dead = tokio::task::spawn_blocking(crate::fuse::report_stale).await.unwrap_or_default();
-    tracing::info!(socket = %socket.display(), dead_mounts = dead.len(), "the mounter is serving");
     let mounter = Arc::new(Mounter::default());
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let web = match metrics {
+        Some(addr) => {
+            let source = Arc::new(crate::metrics::MounterSource::new(Arc::clone(&mounter)));
+            let stopped = move || {
+                let mut rx = stopped.clone();
+                async move {
+                    let _ = rx.wait_for(|s| *s).await;
+                }
+            };
+            let started = ferrovol_metrics::http::start(addr, source, stopped).await;
+            Some(started.map_err(|e| io::Error::new(e.kind(), format!("--metrics-listen {addr}: {e}")))?)
+        }
+        None => None,
+    };
+    tracing::info!(socket = %socket.display(), dead_mounts = dead.len(), "the mounter is serving");
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     loop {
@@ -99,6 +116,10 @@ pub async fn serve(socket: PathBuf) -> io::Result<()> {
     }
     mounter.unmount_all().await;
     let _ = std::fs::remove_file(&socket);
+    let _ = stop.send(true);
+    if let Some(web) = web {
+        let _ = web.await;
+    }
     Ok(())
 }
 
@@ -117,6 +138,11 @@ fn error_response(e: &Error) -> Response {
 }
 
 impl Mounter {
+    /// FUSE sessions held now.
+    pub fn mount_count(&self) -> usize {
+        lock(&self.state).mounts.len()
+    }
+
     async fn connection(self: Arc<Self>, stream: UnixStream) {
         let (r, mut w) = stream.into_split();
         let mut lines = BufReader::new(tokio::io::AsyncReadExt::take(r, MAX_LINE * 16)).lines();
