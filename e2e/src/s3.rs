@@ -105,8 +105,27 @@ impl Mounter {
     }
 
     /// Stops the mounter (SIGSTOP): alive but answering nothing. [`Mounter::resume`] undoes it.
+    /// Returns once every thread of it is stopped: a thread that had not yet been scheduled
+    /// to take the signal could still answer a request (seen on a loaded machine).
     pub fn pause(&self) {
         self.signal(nix::sys::signal::Signal::SIGSTOP);
+        let Some(pid) = self.pid() else { return };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            let stopped = std::fs::read_dir(format!("/proc/{pid}/task")).map(|tasks| {
+                tasks.flatten().all(|t| {
+                    std::fs::read_to_string(t.path().join("stat"))
+                        .ok()
+                        .and_then(|s| s.rsplit_once(')').map(|(_, rest)| rest.trim_start().starts_with('T')))
+                        .unwrap_or(true)
+                })
+            });
+            if stopped.unwrap_or(true) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("ferrovol-mounter (pid {pid}) did not stop within 10 s of SIGSTOP");
     }
 
     pub fn resume(&self) {

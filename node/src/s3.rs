@@ -396,7 +396,8 @@ impl S3Node {
             };
         let mut cond = Condition::healthy();
         if let Some(m) = &self.mounter {
-            match m.list().await {
+            // Bounded like the probes above: the mounter may stop between them and this.
+            match m.list_within(PROBE_BOUND).await {
                 Ok(mounts) => {
                     if let Some(s) = mounts.iter().find(|s| s.volume_id == id.to_string() && !s.healthy) {
                         cond = Condition { abnormal: true, message: s.message.clone() };

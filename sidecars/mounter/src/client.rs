@@ -114,7 +114,13 @@ impl MounterClient {
     }
 
     pub async fn list(&self) -> Result<Vec<MountStats>> {
-        match self.call(Request::List, CALL_TIMEOUT).await? {
+        self.list_within(CALL_TIMEOUT).await
+    }
+
+    /// [`MounterClient::list`], answering UNAVAILABLE after `limit` (a health look that
+    /// must not wait for a stopped mounter as long as a change may).
+    pub async fn list_within(&self, limit: Duration) -> Result<Vec<MountStats>> {
+        match self.call(Request::List, limit).await? {
             Response::Mounts { mounts } => Ok(mounts),
             Response::Error { code, message } => Err(error_from(code, "the S3 mounter", message)),
             r => Err(self.unexpected(&r)),
