@@ -816,3 +816,50 @@ async fn a_publish_racing_a_delete_leaves_no_stray_marker() {
     assert_eq!(keys(&c, &server.bucket, &prefix(&v.id)).await, vec![record_key]);
     ctl.delete_volume(&v.id, &secrets).await.expect("delete");
 }
+
+/// Starts a multipart upload of `key` with one part and leaves it unfinished, as a mounter
+/// killed while writing a file does.
+async fn abandoned_upload(c: &aws_sdk_s3::Client, bucket: &str, key: &str) {
+    let id = c
+        .create_multipart_upload()
+        .bucket(bucket)
+        .key(key)
+        .send()
+        .await
+        .expect("CreateMultipartUpload")
+        .upload_id
+        .expect("an upload ID");
+    c.upload_part()
+        .bucket(bucket)
+        .key(key)
+        .upload_id(id)
+        .part_number(1)
+        .body(vec![3u8; 5 * MIB as usize].into())
+        .send()
+        .await
+        .expect("UploadPart");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_aborts_the_unfinished_uploads_of_the_volume_and_no_others() {
+    let server = S3Server::start();
+    let (ctl, c, secrets) = (controller(), client(&server), server.secrets());
+    let shared = server.bucket.clone();
+    let kv = [("bucket", shared.as_str())];
+    let gone = ctl.create_volume(new_volume("pvc-up-1", &kv, 0, None), &secrets).await.expect("create");
+    let kept = ctl.create_volume(new_volume("pvc-up-10", &kv, 0, None), &secrets).await.expect("create");
+    let gone_key = format!("{}half-written.bin", layout::volume_data_prefix(gone.id.local()));
+    let kept_key = format!("{}being-written.bin", layout::volume_data_prefix(kept.id.local()));
+    abandoned_upload(&c, &shared, &gone_key).await;
+    abandoned_upload(&c, &shared, &kept_key).await;
+    // An own-bucket volume's uploads go with its bucket.
+    let own = ctl.create_volume(new_volume("pvc-up-own", &[], 0, None), &secrets).await.expect("create");
+    abandoned_upload(&c, &own.bucket, &format!("{}f", layout::volume_data_prefix(own.id.local()))).await;
+
+    ctl.delete_volume(&gone.id, &secrets).await.expect("delete");
+    assert_eq!(uploads(&c, &shared).await, vec![kept_key.clone()], "only the deleted volume's upload is aborted");
+    ctl.delete_volume(&own.id, &secrets).await.expect("delete the own-bucket volume");
+    assert!(!bucket_exists(&c, &own.bucket).await, "its bucket is removed with its upload");
+    ctl.delete_volume(&kept.id, &secrets).await.expect("delete");
+    assert!(uploads(&c, &shared).await.is_empty());
+}

@@ -378,7 +378,8 @@ impl Store {
 
     /// Deletes every object under `prefix` except `keep`, listing page by page (1000 keys)
     /// and deleting each page in one DeleteObjects call with up to `in_flight` calls at
-    /// once. Answers how many objects it asked to delete.
+    /// once, then aborts the unfinished multipart uploads under it. Answers how many
+    /// objects it asked to delete.
     pub async fn delete_prefix(&self, prefix: &str, keep: Option<&str>, in_flight: usize) -> Result<u64, S3Failure> {
         let mut tasks: JoinSet<Result<(), S3Failure>> = JoinSet::new();
         let mut token = None;
@@ -417,9 +418,56 @@ impl Store {
                 first_err.get_or_insert(e);
             }
         }
-        match first_err {
-            Some(e) => Err(e),
-            None => Ok(count),
+        if let Some(e) = first_err {
+            return Err(e);
+        }
+        self.abort_uploads(prefix).await?;
+        Ok(count)
+    }
+
+    /// Aborts every unfinished multipart upload under `prefix`: the parts of a file a
+    /// mounter was writing when it died, or of a copy the controller was making when it
+    /// died, which no listing of objects shows and which cost storage until aborted.
+    /// Answers how many it aborted.
+    pub async fn abort_uploads(&self, prefix: &str) -> Result<u64, S3Failure> {
+        let mut count = 0u64;
+        let (mut key_marker, mut id_marker) = (None, None);
+        loop {
+            let out = self
+                .client
+                .list_multipart_uploads()
+                .bucket(&self.bucket)
+                .prefix(prefix)
+                .set_key_marker(key_marker)
+                .set_upload_id_marker(id_marker)
+                .send()
+                .await
+                .map_err(|e| self.fail("ListMultipartUploads", Some(prefix), &e))?;
+            for u in out.uploads() {
+                let (Some(key), Some(id)) = (u.key(), u.upload_id()) else { continue };
+                // Listed by prefix, but checked: nothing outside `prefix` is touched.
+                if !key.starts_with(prefix) {
+                    continue;
+                }
+                let r = self.client.abort_multipart_upload().bucket(&self.bucket).key(key).upload_id(id).send().await;
+                match r {
+                    Ok(_) => count += 1,
+                    Err(e) => {
+                        let f = self.fail("AbortMultipartUpload", Some(key), &e);
+                        if f.kind != Kind::NotFound {
+                            return Err(f);
+                        }
+                    }
+                }
+            }
+            if out.is_truncated() != Some(true) {
+                return Ok(count);
+            }
+            key_marker = out.next_key_marker().map(str::to_owned);
+            id_marker = out.next_upload_id_marker().map(str::to_owned);
+            if key_marker.is_none() && id_marker.is_none() {
+                return Ok(count);
+            }
         }
     }
 
