@@ -6,13 +6,14 @@
 #![cfg(feature = "s3-tests")]
 #![allow(clippy::unwrap_used)]
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::{Read, Write};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use ferrovol_e2e::assertions::Mismatches;
 use ferrovol_e2e::csi::volume_capability::access_mode::Mode;
 use ferrovol_e2e::csi::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume};
 use ferrovol_e2e::csi::volume_usage::Unit;
@@ -762,4 +763,262 @@ async fn the_mounter_and_the_driver_serve_metrics_of_their_s3_calls() {
     );
     delete(&stack, &vol.volume_id).await;
     stack.driver.assert_no_leaks();
+}
+
+/// Volume IDs of the S3 family that are malformed or try to leave the driver's objects:
+/// none may reach S3 as a bucket or key.
+fn malformed_s3_ids(bucket: &str, tag: &str) -> Vec<String> {
+    vec![
+        "garbage".to_owned(),
+        format!("s3.{tag}"),
+        format!("s3.{tag}:"),
+        format!("s3.{tag}:{bucket}"),
+        format!("s3.{tag}:{bucket}:"),
+        format!("s3.{tag}:../etc:abc"),
+        format!("s3.{tag}:Not_A_Bucket:abc"),
+        format!("s3.{tag}:{bucket}:.."),
+        format!("s3.{tag}:{bucket}:../abc"),
+        format!("s3.{tag}:{bucket}:a/b"),
+        format!("s3.{tag}:{bucket}:a\0b"),
+        format!("s3.{tag}:{bucket}:{}", "a".repeat(4096)),
+        format!("s3.{tag}:{bucket}:abc:def"),
+    ]
+}
+
+/// The CSI spec's error codes and repeat rules as they apply to S3 volumes, the checks the
+/// block and filesystem families' conformance suite makes (e2e/tests/conformance.rs) that
+/// mean something for a bucket or a prefix: missing fields, malformed and escaping IDs,
+/// snapshots, expansion, node calls out of order and repeated, and racing creates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn csi_error_codes_and_repeats_for_s3_volumes() {
+    let stack = S3Stack::start(None).await;
+    let d = &stack.driver;
+    let c = || d.controller();
+    let mut m = Mismatches::new();
+    let bucket = stack.server.bucket.clone();
+    let keeper = create(&stack, create_req(&stack, &unique_name("pvc", "keeper"), 32 * MIB, true)).await;
+    let objects_before = stack.keys(&bucket, "").await;
+
+    // Missing required fields: INVALID_ARGUMENT.
+    let mut r = create_req(&stack, "", 32 * MIB, true);
+    m.code(c().create_volume(r.clone()).await, &[Code::InvalidArgument], "CreateVolume without a name");
+    r.name = unique_name("pvc", "nocaps");
+    r.volume_capabilities.clear();
+    m.code(c().create_volume(r).await, &[Code::InvalidArgument], "CreateVolume without capabilities");
+    let mut r = create_req(&stack, &unique_name("pvc", "range"), 64 * MIB, true);
+    r.capacity_range = Some(CapacityRange { required_bytes: 64 * MIB, limit_bytes: 32 * MIB });
+    m.code(c().create_volume(r).await, &[Code::OutOfRange, Code::InvalidArgument], "limit below required");
+    let delete_req = DeleteVolumeRequest { volume_id: String::new(), secrets: stack.secrets() };
+    m.code(c().delete_volume(delete_req).await, &[Code::InvalidArgument], "DeleteVolume without an ID");
+    let expand = |id: &str, bytes: i64| ControllerExpandVolumeRequest {
+        volume_id: id.to_owned(),
+        capacity_range: (bytes > 0).then_some(CapacityRange { required_bytes: bytes, limit_bytes: 0 }),
+        secrets: stack.secrets(),
+        ..Default::default()
+    };
+    m.code(c().controller_expand_volume(expand("", 64 * MIB)).await, &[Code::InvalidArgument], "expand without an ID");
+    m.code(
+        c().controller_expand_volume(expand(&keeper.volume_id, 0)).await,
+        &[Code::InvalidArgument],
+        "expand without a capacity range",
+    );
+    let snap_req = |name: &str, source: &str| CreateSnapshotRequest {
+        source_volume_id: source.to_owned(),
+        name: name.to_owned(),
+        secrets: stack.secrets(),
+        parameters: HashMap::new(),
+    };
+    m.code(c().create_snapshot(snap_req("", &keeper.volume_id)).await, &[Code::InvalidArgument], "snapshot w/o name");
+    m.code(c().create_snapshot(snap_req("snap-x", "")).await, &[Code::InvalidArgument], "snapshot w/o source");
+    let (staging, target) = (d.staging_dir("codes-st"), d.target_path("codes-tg"));
+    let stage_req = |id: &str, staging: &str| NodeStageVolumeRequest {
+        volume_id: id.to_owned(),
+        staging_target_path: staging.to_owned(),
+        volume_capability: Some(mount_cap(Mode::MultiNodeMultiWriter, &[])),
+        secrets: stack.secrets(),
+        ..Default::default()
+    };
+    m.code(d.node().node_stage_volume(stage_req(&keeper.volume_id, "")).await, &[Code::InvalidArgument], "no staging");
+    m.code(
+        d.node().node_stage_volume(stage_req("", &staging.display().to_string())).await,
+        &[Code::InvalidArgument],
+        "stage without an ID",
+    );
+    let mut p = publish_req(&keeper.volume_id, &staging, &target, mount_cap(Mode::MultiNodeMultiWriter, &[]), false);
+    p.target_path.clear();
+    m.code(d.node().node_publish_volume(p).await, &[Code::InvalidArgument], "publish without a target");
+    let stats = |id: &str, path: &Path| NodeGetVolumeStatsRequest {
+        volume_id: id.to_owned(),
+        volume_path: path.display().to_string(),
+        staging_target_path: String::new(),
+    };
+    m.code(
+        d.node().node_get_volume_stats(stats(&keeper.volume_id, Path::new(""))).await,
+        &[Code::InvalidArgument],
+        "stats w/o path",
+    );
+
+    // Malformed and escaping IDs: nothing to delete (OK, twice), nothing to find
+    // (NOT_FOUND), and no object of the bucket touched.
+    for id in malformed_s3_ids(&bucket, "vol") {
+        let what = |call: &str| format!("{call} of malformed ID {:?}", &id[..id.len().min(60)]);
+        for _ in 0..2 {
+            let r = DeleteVolumeRequest { volume_id: id.clone(), secrets: stack.secrets() };
+            m.ok(c().delete_volume(r).await, &what("DeleteVolume"));
+        }
+        let get = ControllerGetVolumeRequest { volume_id: id.clone() };
+        m.code(c().controller_get_volume(get).await, &[Code::NotFound], &what("ControllerGetVolume"));
+        m.code(c().controller_expand_volume(expand(&id, 64 * MIB)).await, &[Code::NotFound], &what("expand"));
+        m.code(
+            c().create_snapshot(snap_req(&unique_name("snap", "bad"), &id)).await,
+            &[Code::NotFound],
+            &what("snapshot"),
+        );
+        let staging_path = staging.display().to_string();
+        m.code(d.node().node_stage_volume(stage_req(&id, &staging_path)).await, &[Code::NotFound], &what("NodeStage"));
+        let mut from = create_req(&stack, &unique_name("pvc", "from-bad"), 32 * MIB, true);
+        from.volume_content_source = volume_source(&id);
+        m.code(c().create_volume(from).await, &[Code::NotFound], &what("CreateVolume from"));
+    }
+    for id in malformed_s3_ids(&bucket, "snap") {
+        let r = DeleteSnapshotRequest { snapshot_id: id.clone(), secrets: stack.secrets() };
+        m.ok(c().delete_snapshot(r).await, &format!("DeleteSnapshot of malformed ID {:?}", &id[..id.len().min(60)]));
+        let mut from = create_req(&stack, &unique_name("pvc", "from-bad-snap"), 32 * MIB, true);
+        from.volume_content_source = snapshot_source(&id);
+        m.code(
+            c().create_volume(from).await,
+            &[Code::NotFound],
+            &format!("CreateVolume from snapshot {:?}", &id[..id.len().min(60)]),
+        );
+    }
+    assert_eq!(stack.keys(&bucket, "").await, objects_before, "malformed IDs touched the bucket's objects");
+
+    // Snapshots: a repeat answers the same snapshot, another source under the name is
+    // ALREADY_EXISTS, the lists find it, deletes repeat, a deleted source is NOT_FOUND.
+    let name = unique_name("snap", "rules");
+    let s1 =
+        expect_ok(c().create_snapshot(snap_req(&name, &keeper.volume_id)).await, "CreateSnapshot").snapshot.unwrap();
+    let s2 = expect_ok(c().create_snapshot(snap_req(&name, &keeper.volume_id)).await, "repeat").snapshot.unwrap();
+    assert_eq!(
+        (s1.snapshot_id.as_str(), s1.ready_to_use),
+        (s2.snapshot_id.as_str(), true),
+        "a repeat answers the same ready snapshot"
+    );
+    let other = create(&stack, create_req(&stack, &unique_name("pvc", "other"), 32 * MIB, true)).await;
+    m.code(
+        c().create_snapshot(snap_req(&name, &other.volume_id)).await,
+        &[Code::AlreadyExists],
+        "same name, other source",
+    );
+    let by_id = expect_ok(
+        c().list_snapshots(ferrovol_e2e::csi::ListSnapshotsRequest {
+            snapshot_id: s1.snapshot_id.clone(),
+            secrets: stack.secrets(),
+            ..Default::default()
+        })
+        .await,
+        "ListSnapshots by ID",
+    );
+    assert_eq!(by_id.entries.len(), 1, "ListSnapshots by ID finds it once");
+    let unknown = format!("s3.snap:{bucket}:snap-never-made");
+    let none = expect_ok(
+        c().list_snapshots(ferrovol_e2e::csi::ListSnapshotsRequest {
+            snapshot_id: unknown,
+            secrets: stack.secrets(),
+            ..Default::default()
+        })
+        .await,
+        "ListSnapshots of an unknown ID",
+    );
+    assert!(none.entries.is_empty(), "an unknown snapshot ID lists nothing");
+    for _ in 0..2 {
+        let r = DeleteSnapshotRequest { snapshot_id: s1.snapshot_id.clone(), secrets: stack.secrets() };
+        expect_ok(c().delete_snapshot(r).await, "DeleteSnapshot (and its repeat)");
+    }
+    let mut from = create_req(&stack, &unique_name("pvc", "from-gone"), 32 * MIB, true);
+    from.volume_content_source = snapshot_source(&s1.snapshot_id);
+    m.code(c().create_volume(from).await, &[Code::NotFound], "CreateVolume from a deleted snapshot");
+
+    // Expansion: never shrinks, repeats answer the same.
+    let grown = expect_ok(c().controller_expand_volume(expand(&other.volume_id, 48 * MIB)).await, "expand");
+    assert!(grown.capacity_bytes >= 48 * MIB && grown.node_expansion_required, "{grown:?}");
+    let again = expect_ok(c().controller_expand_volume(expand(&other.volume_id, 48 * MIB)).await, "expand repeat");
+    assert_eq!(again.capacity_bytes, grown.capacity_bytes, "a repeat answers the same capacity");
+    let smaller = expect_ok(c().controller_expand_volume(expand(&other.volume_id, 16 * MIB)).await, "expand smaller");
+    assert_eq!(smaller.capacity_bytes, grown.capacity_bytes, "asking for less never shrinks the quota");
+
+    // Node calls out of order and repeated.
+    let staging_s = staging.display().to_string();
+    m.code(
+        d.node()
+            .node_publish_volume(publish_req(
+                &keeper.volume_id,
+                &staging,
+                &target,
+                mount_cap(Mode::MultiNodeMultiWriter, &[]),
+                false,
+            ))
+            .await,
+        &[Code::FailedPrecondition],
+        "NodePublish before NodeStage",
+    );
+    m.code(
+        d.node().node_get_volume_stats(stats(&keeper.volume_id, &target)).await,
+        &[Code::NotFound],
+        "stats of an unpublished path",
+    );
+    let unpub = || NodeUnpublishVolumeRequest {
+        volume_id: keeper.volume_id.clone(),
+        target_path: target.display().to_string(),
+    };
+    let unstg =
+        || NodeUnstageVolumeRequest { volume_id: keeper.volume_id.clone(), staging_target_path: staging_s.clone() };
+    expect_ok(d.node().node_unpublish_volume(unpub()).await, "NodeUnpublish of a target never published");
+    expect_ok(d.node().node_unstage_volume(unstg()).await, "NodeUnstage of a volume never staged");
+    for _ in 0..2 {
+        expect_ok(d.node().node_stage_volume(stage_req(&keeper.volume_id, &staging_s)).await, "NodeStage (and repeat)");
+    }
+    for _ in 0..2 {
+        publish(&stack, &keeper.volume_id, &staging, &target, false).await;
+    }
+    expect_ok(d.node().node_get_volume_stats(stats(&keeper.volume_id, &target)).await, "stats of the published volume");
+    m.code(
+        d.node().node_get_volume_stats(stats(&other.volume_id, &target)).await,
+        &[Code::NotFound],
+        "stats of another volume's path",
+    );
+    for _ in 0..2 {
+        expect_ok(d.node().node_unpublish_volume(unpub()).await, "NodeUnpublish (and repeat)");
+    }
+    for _ in 0..2 {
+        expect_ok(d.node().node_unstage_volume(unstg()).await, "NodeUnstage (and repeat)");
+    }
+    assert!(!is_ferrovol_fuse(&staging) && !is_ferrovol_fuse(&target), "nothing stays mounted");
+
+    // Eight creates of one name at once: one volume; each answer is it, or ABORTED.
+    let racer = unique_name("pvc", "race");
+    let calls: Vec<_> = (0..8)
+        .map(|_| {
+            let (mut client, req) = (d.controller(), create_req(&stack, &racer, 32 * MIB, true));
+            tokio::spawn(async move { client.create_volume(req).await })
+        })
+        .collect();
+    let mut ids = HashSet::new();
+    for call in calls {
+        match call.await.unwrap() {
+            Ok(r) => {
+                ids.insert(r.into_inner().volume.unwrap().volume_id);
+            }
+            Err(st) => assert_eq!(st.code(), Code::Aborted, "a racing create: {st:?}"),
+        }
+    }
+    let settled = create(&stack, create_req(&stack, &racer, 32 * MIB, true)).await;
+    assert!(ids.len() <= 1 && ids.iter().all(|i| *i == settled.volume_id), "racing creates made {ids:?}");
+
+    for id in [&settled.volume_id, &other.volume_id, &keeper.volume_id] {
+        delete(&stack, id).await;
+    }
+    assert!(stack.keys(&bucket, "ferrovol/volumes/").await.is_empty(), "every volume's objects are gone");
+    m.assert_none();
+    d.assert_no_leaks();
 }

@@ -207,7 +207,12 @@ impl<K: IdKind> Id<K> {
         if tag != K::TAG {
             return None;
         }
-        Some(Id::new(Family::parse(family)?, NodeId::parse(node).ok()?, LocalName::parse(local)?))
+        let family = Family::parse(family)?;
+        // An S3 ID carries a bucket where the others carry a node: it must be a bucket name.
+        if family == Family::S3 && !crate::params::is_bucket_name(node) {
+            return None;
+        }
+        Some(Id::new(family, NodeId::parse(node).ok()?, LocalName::parse(local)?))
     }
 }
 
@@ -262,6 +267,17 @@ mod tests {
     fn a_snapshot_id_is_not_a_volume_id() {
         assert_eq!(VolumeId::parse("loop.snap:worker-1:x").expect_err("kind").code(), Code::NotFound);
         assert_eq!(SnapshotId::parse("loop.vol:worker-1:x").expect_err("kind").code(), Code::NotFound);
+    }
+
+    #[test]
+    fn an_s3_id_needs_a_bucket_name_where_others_have_a_node() {
+        assert!(VolumeId::parse("s3.vol:my-bucket:pvc-1").is_ok());
+        assert!(SnapshotId::parse("s3.snap:my.bucket-2:snap-1").is_ok());
+        for bad in ["s3.vol:My_Bucket:pvc-1", "s3.vol:ab:pvc-1", "s3.vol:-bucket:pvc-1", "s3.vol:10.0.0.1:pvc-1"] {
+            assert_eq!(VolumeId::parse(bad).expect_err(bad).code(), Code::NotFound, "{bad}");
+        }
+        // The node slot of other families keeps its own rules.
+        assert!(VolumeId::parse("loop.vol:Worker_1:pvc-1").is_ok());
     }
 
     #[test]
