@@ -9,7 +9,7 @@ use ferrovol_core::agent::{NewVolume, Source};
 use ferrovol_core::error::{Code, Error, Result};
 use ferrovol_core::ids::{printable, Family, LocalName, NodeId, SnapshotId, VolumeId};
 use ferrovol_core::params::VolumeParams;
-use ferrovol_core::volume::{Capability, CapacityRange, ContentSource, MIB};
+use ferrovol_core::volume::{Capability, ContentSource, MIB};
 use ferrovol_node::convert;
 use ferrovol_proto::csi::v1 as csi;
 use ferrovol_s3::controller::{S3Snapshot, S3Volume, S3VolumeStatus};
@@ -114,27 +114,8 @@ impl ControllerService {
     pub(crate) async fn s3_create_volume(&self, r: &csi::CreateVolumeRequest) -> Result<csi::CreateVolumeResponse> {
         capabilities(&r.volume_capabilities)?;
         let params = VolumeParams::parse(&r.parameters)?;
-        let capacity = match &r.capacity_range {
-            Some(c) => CapacityRange::from_request(c.required_bytes, c.limit_bytes).map_err(|e| match e {
-                Error::CapacityOutOfRange { reason, .. } => {
-                    Error::CapacityOutOfRange { volume: printable(&r.name), reason }
-                }
-                other => other,
-            })?,
-            None => CapacityRange::default(),
-        };
-        let source = match r.volume_content_source.as_ref().map(|s| s.r#type.as_ref()) {
-            None => None,
-            Some(None) => {
-                return Err(Error::invalid("volume_content_source", "is set but names neither a snapshot nor a volume"))
-            }
-            Some(Some(csi::volume_content_source::Type::Snapshot(s))) => {
-                Some(Source::Snapshot(SnapshotId::parse(&s.snapshot_id)?))
-            }
-            Some(Some(csi::volume_content_source::Type::Volume(v))) => {
-                Some(Source::Volume(VolumeId::parse(&v.volume_id)?))
-            }
-        };
+        let capacity = crate::service::request_capacity(r)?;
+        let source = crate::service::request_source(r)?;
         let source_family = match &source {
             Some(Source::Snapshot(s)) => Some((s.family(), s.to_string())),
             Some(Source::Volume(v)) => Some((v.family(), v.to_string())),

@@ -199,30 +199,8 @@ impl csi::controller_server::Controller for ControllerService {
             for c in &caps {
                 c.check_local(fs)?;
             }
-            let capacity = match &r.capacity_range {
-                Some(c) => CapacityRange::from_request(c.required_bytes, c.limit_bytes).map_err(|e| match e {
-                    Error::CapacityOutOfRange { reason, .. } => {
-                        Error::CapacityOutOfRange { volume: printable(&r.name), reason }
-                    }
-                    other => other,
-                })?,
-                None => CapacityRange::default(),
-            };
-            let source = match r.volume_content_source.as_ref().map(|s| s.r#type.as_ref()) {
-                None => None,
-                Some(None) => {
-                    return Err(Error::invalid(
-                        "volume_content_source",
-                        "is set but names neither a snapshot nor a volume",
-                    ))
-                }
-                Some(Some(csi::volume_content_source::Type::Snapshot(s))) => {
-                    Some(Source::Snapshot(SnapshotId::parse(&s.snapshot_id)?))
-                }
-                Some(Some(csi::volume_content_source::Type::Volume(v))) => {
-                    Some(Source::Volume(VolumeId::parse(&v.volume_id)?))
-                }
-            };
+            let capacity = request_capacity(&r)?;
+            let source = request_source(&r)?;
             if let Some(t) = &r.accessibility_requirements {
                 if t.requisite.is_empty() && t.preferred.is_empty() {
                     return Err(Error::invalid(
@@ -670,4 +648,32 @@ impl csi::controller_server::Controller for ControllerService {
     ) -> Result<Response<csi::ControllerModifyVolumeResponse>, Status> {
         Err(Status::unimplemented("ControllerModifyVolume is not offered (MODIFY_VOLUME is not advertised)"))
     }
+}
+
+/// The capacity range of a CreateVolume; an impossible one is OUT_OF_RANGE naming the volume.
+pub(crate) fn request_capacity(r: &csi::CreateVolumeRequest) -> Result<CapacityRange> {
+    match &r.capacity_range {
+        Some(c) => CapacityRange::from_request(c.required_bytes, c.limit_bytes).map_err(|e| match e {
+            Error::CapacityOutOfRange { reason, .. } => {
+                Error::CapacityOutOfRange { volume: printable(&r.name), reason }
+            }
+            other => other,
+        }),
+        None => Ok(CapacityRange::default()),
+    }
+}
+
+/// The content source of a CreateVolume: an ID that is not ours is NOT_FOUND, a source
+/// naming neither kind INVALID_ARGUMENT.
+pub(crate) fn request_source(r: &csi::CreateVolumeRequest) -> Result<Option<Source>> {
+    Ok(match r.volume_content_source.as_ref().map(|s| s.r#type.as_ref()) {
+        None => None,
+        Some(None) => {
+            return Err(Error::invalid("volume_content_source", "is set but names neither a snapshot nor a volume"))
+        }
+        Some(Some(csi::volume_content_source::Type::Snapshot(s))) => {
+            Some(Source::Snapshot(SnapshotId::parse(&s.snapshot_id)?))
+        }
+        Some(Some(csi::volume_content_source::Type::Volume(v))) => Some(Source::Volume(VolumeId::parse(&v.volume_id)?)),
+    })
 }
