@@ -585,3 +585,51 @@ async fn o_excl_commits_only_if_no_object_appeared_and_long_names_are_refused_bo
     assert_eq!(fs.statfs().namelen, 255);
     assert!(fs.create(ROOT_INO, OsStr::new(&"n".repeat(255)), 0, 1).await.is_ok());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_directory_hides_a_file_of_the_same_name() {
+    let s = S3Server::start();
+    let p = prefix("shadow");
+    put(&s, &format!("{p}a"), b"the file").await;
+    put(&s, &format!("{p}a/b"), b"inside").await;
+    let fs = fs_with(&s, config(&s, &p, Duration::from_secs(10)), 1 << 30).await;
+    assert_eq!(
+        names(&fs.readdir(ROOT_INO).await.expect("readdir /")),
+        vec![("a".into(), Kind::Dir)],
+        "one entry, a directory"
+    );
+    let a = fs.lookup(ROOT_INO, OsStr::new("a")).await.expect("lookup a");
+    assert_eq!(a.kind, Kind::Dir);
+    assert_eq!(names(&fs.readdir(a.ino).await.expect("readdir a")), vec![("b".into(), Kind::File)]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rewrite_with_o_trunc_does_not_count_the_old_size() {
+    let s = S3Server::start();
+    let p = prefix("retrunc");
+    let quota = 10 * 1024 * 1024;
+    let fs = fs_with(&s, config(&s, &p, Duration::from_secs(30)), quota).await;
+    write_file(&fs, ROOT_INO, "f", &pattern(6 * 1024 * 1024), 1 << 20).await.expect("6 MiB of 10");
+    // 6 MiB again over the same file: 12 MiB if the old size still counted.
+    let ino = ino_of(&fs, "f").await.expect("f");
+    let fh = fs.open(ino, libc::O_WRONLY | libc::O_TRUNC, 1).await.expect("O_TRUNC");
+    let new = pattern(6 * 1024 * 1024 + 1);
+    for (i, piece) in new.chunks(1 << 20).enumerate() {
+        fs.write(fh, (i << 20) as u64, piece).await.expect("the rewrite fits in the quota");
+    }
+    fs.release(fh).await.expect("commit");
+    assert_eq!(fs.usage().used_bytes, new.len() as u64);
+    assert_eq!(read_file(&fs, ino, 1 << 20).await, new);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn objects_of_other_clients_count_at_the_next_mount() {
+    let s = S3Server::start();
+    let p = prefix("others");
+    let fs = fs_with(&s, config(&s, &p, Duration::from_secs(10)), 1 << 30).await;
+    write_file(&fs, ROOT_INO, "mine", &pattern(1000), 1000).await.expect("write");
+    put(&s, &format!("{p}theirs"), &pattern(5000)).await;
+    assert_eq!(fs.usage().used_bytes, 1000, "not counted while mounted");
+    let again = fs_with(&s, config(&s, &p, Duration::from_secs(10)), 1 << 30).await;
+    assert_eq!(again.usage().used_bytes, 6000, "counted at the next mount");
+}

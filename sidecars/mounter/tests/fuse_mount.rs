@@ -26,6 +26,8 @@ struct Mounter {
     socket: PathBuf,
     dir: tempfile::TempDir,
     targets: Vec<PathBuf>,
+    /// A command the mounter runs under (`unshare …`), empty for none.
+    wrapper: Vec<String>,
 }
 
 fn mounted(target: &Path) -> bool {
@@ -35,9 +37,15 @@ fn mounted(target: &Path) -> bool {
 
 impl Mounter {
     fn start() -> Mounter {
+        Mounter::start_under(&[])
+    }
+
+    /// Starts the mounter as the last argument of `wrapper`.
+    fn start_under(wrapper: &[&str]) -> Mounter {
         let dir = tempfile::Builder::new().prefix("fvmnt-").tempdir().expect("tempdir");
         let socket = dir.path().join("mounter.sock");
-        let mut m = Mounter { child: None, socket, dir, targets: Vec::new() };
+        let wrapper = wrapper.iter().map(|s| s.to_string()).collect();
+        let mut m = Mounter { child: None, socket, dir, targets: Vec::new(), wrapper };
         m.spawn();
         m
     }
@@ -48,7 +56,16 @@ impl Mounter {
             .append(true)
             .open(self.dir.path().join("mounter.log"))
             .expect("log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_ferrovol-mounter"))
+        let binary = env!("CARGO_BIN_EXE_ferrovol-mounter");
+        let mut cmd = match self.wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(binary);
+                c
+            }
+            None => Command::new(binary),
+        };
+        let child = cmd
             .arg("--socket")
             .arg(&self.socket)
             .args(["--log-level", "debug"])
@@ -100,8 +117,17 @@ impl Mounter {
 impl Drop for Mounter {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
-            let _ =
-                nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), nix::sys::signal::Signal::SIGTERM);
+            // The mounter itself: the child, or the child's child under a wrapper (unshare
+            // ignores SIGTERM while it waits for its child).
+            let mut pids = vec![c.id()];
+            if !self.wrapper.is_empty() {
+                let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", c.id()));
+                pids = children.unwrap_or_default().split_whitespace().filter_map(|p| p.parse().ok()).collect();
+            }
+            for pid in pids {
+                let _ =
+                    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGTERM);
+            }
             let deadline = Instant::now() + Duration::from_secs(10);
             while Instant::now() < deadline && matches!(c.try_wait(), Ok(None)) {
                 std::thread::sleep(Duration::from_millis(50));
@@ -463,4 +489,73 @@ async fn unmount_aborts_the_upload_of_a_file_left_open() {
     assert!(!mounted(&t));
     assert_eq!(uploads().await, 0, "the unmount aborted the upload");
     drop(f);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_unmounts_everything_and_aborts_the_uploads_of_open_files() {
+    let s = S3Server::start();
+    let mut m = Mounter::start();
+    let (t1, t2) = (m.target(), m.target());
+    let (spec1, spec2) = (volume(&s, &t1, 1 << 30, false).await, volume(&s, &t2, 1 << 30, false).await);
+    let c = m.client();
+    c.mount(&spec1).await.expect("mount 1");
+    c.mount(&spec2).await.expect("mount 2");
+    std::fs::write(t2.join("closed"), b"committed before the signal").expect("write a file");
+    let mut f = std::fs::File::create(t1.join("open")).expect("create");
+    std::io::Write::write_all(&mut f, &pattern(9 << 20)).expect("write");
+    let s3 = build_client(&s.endpoint, Timeouts::default());
+    let uploads = || async {
+        let u = s3.list_multipart_uploads().bucket(&s.bucket).prefix(&spec1.data_prefix).send().await.expect("list");
+        u.uploads().len()
+    };
+    assert_eq!(uploads().await, 1, "one part uploaded");
+
+    let mut child = m.child.take().expect("the mounter runs");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM)
+        .expect("SIGTERM");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("wait") {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "the mounter did not exit within 20 s of SIGTERM: {}", m.log());
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "SIGTERM exits 0: {status}; {}", m.log());
+    assert!(!mounted(&t1) && !mounted(&t2), "both mounts are gone");
+    assert_eq!(uploads().await, 0, "the open file's upload was aborted");
+    let objects = s3.list_objects_v2().bucket(&s.bucket).prefix(&spec1.data_prefix).send().await.expect("list");
+    assert!(objects.contents().is_empty(), "the open file was not committed: {:?}", objects.contents());
+    let kept = s3.get_object().bucket(&s.bucket).key(format!("{}closed", spec2.data_prefix)).send().await;
+    assert!(kept.is_ok(), "a file closed before the signal stays");
+    assert!(!m.socket.exists(), "the socket is removed");
+    drop(f);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outside_the_mounters_pid_namespace_the_first_close_after_a_write_commits() {
+    let s = S3Server::start();
+    // The mounter in a pid namespace of its own: FUSE reports this test's processes with
+    // pid 0, as it reports pods' processes to a mounter without the host's pids.
+    let mut m = Mounter::start_under(&["unshare", "--pid", "--fork", "--kill-child=SIGTERM"]);
+    let t = m.target();
+    let spec = volume(&s, &t, 1 << 30, false).await;
+    let c = m.client();
+    c.mount(&spec).await.expect("mount");
+    // The script of `only_the_openers_close_commits_…`, where it stores "one\ntwo\n": here
+    // /bin/true's close of the inherited fd cannot be told from bash's and commits "one",
+    // and bash's next write fails with EINVAL.
+    let out = t.join("out.log");
+    let run = Command::new("bash")
+        .arg("-c")
+        .arg(format!("exec >{}; echo one; /bin/true; echo two", out.display()))
+        .output()
+        .expect("bash");
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(!run.status.success() && stderr.contains("Invalid argument"), "{}: {stderr}", run.status);
+    assert_eq!(std::fs::read(&out).expect("read out.log"), b"one\n");
+    let s3 = build_client(&s.endpoint, Timeouts::default());
+    let got = s3.get_object().bucket(&s.bucket).key(format!("{}out.log", spec.data_prefix)).send().await.expect("get");
+    assert_eq!(got.body.collect().await.expect("body").into_bytes().as_ref(), b"one\n");
+    c.unmount(&t).await.expect("unmount");
 }
