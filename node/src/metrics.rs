@@ -1,8 +1,8 @@
 //! Prometheus metrics of a ferrovol process: the RPC counters and latency histogram that
 //! [`crate::rpc::call`] records for every CSI and agent call, and collectors that read
 //! capacity (the loop data dir, LVM volume groups and thin pools) when scraped. The driver
-//! serves a [`Metrics`] registry on `/metrics` (driver/src/metrics.rs); docs/METRICS.md
-//! lists every metric.
+//! serves a [`Metrics`] registry on `/metrics` (driver/src/metrics.rs, over the endpoint of
+//! driver/metrics); docs/METRICS.md lists every metric.
 //!
 //! Labels name methods, result codes, volume groups and pools, never volumes or snapshots:
 //! a series per volume would grow without bound.
@@ -333,7 +333,6 @@ mod tests {
     use ferrovol_core::error::Error;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
-    /// The value of the sample `series` (name and labels exactly as encoded) in `text`.
     use ferrovol_metrics::sample;
 
     #[test]
