@@ -93,8 +93,14 @@ pub async fn serve(socket: PathBuf, metrics: Option<SocketAddr>) -> io::Result<(
                     let _ = rx.wait_for(|s| *s).await;
                 }
             };
-            let started = ferrovol_metrics::http::start(addr, source, stopped).await;
-            Some(started.map_err(|e| io::Error::new(e.kind(), format!("--metrics-listen {addr}: {e}")))?)
+            match ferrovol_metrics::http::start(addr, source, stopped).await {
+                Ok(task) => Some(task),
+                Err(e) => {
+                    // Leave no socket behind that nobody serves.
+                    let _ = std::fs::remove_file(&socket);
+                    return Err(io::Error::new(e.kind(), format!("--metrics-listen {addr}: {e}")));
+                }
+            }
         }
         None => None,
     };

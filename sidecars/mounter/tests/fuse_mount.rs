@@ -559,3 +559,21 @@ async fn outside_the_mounters_pid_namespace_the_first_close_after_a_write_commit
     assert_eq!(got.body.collect().await.expect("body").into_bytes().as_ref(), b"one\n");
     c.unmount(&t).await.expect("unmount");
 }
+
+#[test]
+fn a_metrics_address_in_use_stops_the_start_and_leaves_no_socket() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr");
+    let dir = tempfile::Builder::new().prefix("fvmnt-").tempdir().expect("tempdir");
+    let socket = dir.path().join("mounter.sock");
+    let out = Command::new(env!("CARGO_BIN_EXE_ferrovol-mounter"))
+        .arg("--socket")
+        .arg(&socket)
+        .args(["--metrics-listen", &addr.to_string()])
+        .output()
+        .expect("run the mounter");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "it must not serve without its metrics port: {stderr}");
+    assert!(stderr.contains(&format!("--metrics-listen {addr}")), "the error names the flag: {stderr}");
+    assert!(!socket.exists(), "no socket is left that nobody serves");
+}
