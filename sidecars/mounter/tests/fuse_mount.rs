@@ -413,6 +413,23 @@ async fn mount_errors_name_the_volume_and_the_cause() {
     assert_eq!(c.mount(&spec).await.expect_err("relative").code(), Code::InvalidArgument);
 }
 
+/// Runs `exec >out; echo one; /bin/true; echo two` in bash: /bin/true inherits bash's
+/// descriptor of `out` and closes it between the two writes.
+fn inherited_fd_script(out: &Path) -> std::process::Output {
+    Command::new("bash")
+        .arg("-c")
+        .arg(format!("exec >{}; echo one; /bin/true; echo two", out.display()))
+        .output()
+        .expect("bash")
+}
+
+/// Unfinished multipart uploads under `prefix` in the test bucket.
+async fn unfinished_uploads(s: &S3Server, prefix: &str) -> usize {
+    let s3 = build_client(&s.endpoint, Timeouts::default());
+    let u = s3.list_multipart_uploads().bucket(&s.bucket).prefix(prefix).send().await.expect("list uploads");
+    u.uploads().len()
+}
+
 fn close(fd: i32) -> Result<(), i32> {
     // SAFETY: `fd` is a descriptor this test opened (or dup'd) and closes exactly once.
     let r = unsafe { libc::close(fd) };
@@ -435,11 +452,7 @@ async fn only_the_openers_close_commits_and_a_failed_commit_is_reported_by_every
     // /bin/true inherits bash's fd 1 and closes it when it exits: that close must not
     // commit the file, or "echo two" would fail.
     let out = t.join("out.log");
-    let st = Command::new("bash")
-        .arg("-c")
-        .arg(format!("exec >{}; echo one; /bin/true; echo two", out.display()))
-        .status()
-        .expect("bash");
+    let st = inherited_fd_script(&out).status;
     assert!(st.success(), "{st}");
     assert_eq!(std::fs::read(&out).expect("read out.log"), b"one\ntwo\n");
 
@@ -475,11 +488,7 @@ async fn unmount_aborts_the_upload_of_a_file_left_open() {
     let spec = volume(&s, &t, 1 << 30, false).await;
     let c = m.client();
     c.mount(&spec).await.expect("mount");
-    let s3 = build_client(&s.endpoint, Timeouts::default());
-    let uploads = || async {
-        let u = s3.list_multipart_uploads().bucket(&s.bucket).prefix(&spec.data_prefix).send().await.expect("list");
-        u.uploads().len()
-    };
+    let uploads = || unfinished_uploads(&s, &spec.data_prefix);
     let mut f = std::fs::File::create(t.join("open")).expect("create");
     // More than one 8 MiB part: a multipart upload is under way.
     std::io::Write::write_all(&mut f, &pattern(9 << 20)).expect("write");
@@ -504,10 +513,7 @@ async fn sigterm_unmounts_everything_and_aborts_the_uploads_of_open_files() {
     let mut f = std::fs::File::create(t1.join("open")).expect("create");
     std::io::Write::write_all(&mut f, &pattern(9 << 20)).expect("write");
     let s3 = build_client(&s.endpoint, Timeouts::default());
-    let uploads = || async {
-        let u = s3.list_multipart_uploads().bucket(&s.bucket).prefix(&spec1.data_prefix).send().await.expect("list");
-        u.uploads().len()
-    };
+    let uploads = || unfinished_uploads(&s, &spec1.data_prefix);
     assert_eq!(uploads().await, 1, "one part uploaded");
 
     let mut child = m.child.take().expect("the mounter runs");
@@ -546,11 +552,7 @@ async fn outside_the_mounters_pid_namespace_the_first_close_after_a_write_commit
     // /bin/true's close of the inherited fd cannot be told from bash's and commits "one",
     // and bash's next write fails with EINVAL.
     let out = t.join("out.log");
-    let run = Command::new("bash")
-        .arg("-c")
-        .arg(format!("exec >{}; echo one; /bin/true; echo two", out.display()))
-        .output()
-        .expect("bash");
+    let run = inherited_fd_script(&out);
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert!(!run.status.success() && stderr.contains("Invalid argument"), "{}: {stderr}", run.status);
     assert_eq!(std::fs::read(&out).expect("read out.log"), b"one\n");
